@@ -1,0 +1,266 @@
+"""Stage `validate_calibration`: catch broken, mis-ordered or inconsistent cameras early.
+
+For every calibration file the labelled frames use: structural checks (done on load by
+:meth:`CameraGroup.load`, plus principal point, identical cameras, baselines and image sizes
+here), then the labels are triangulated and each camera's reprojection error is measured with
+the camera in and left out. Writes a summary JSON, a per-camera CSV and a PNG; a fatal problem
+exits 2 with a message naming the file and camera, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.cameras import CameraGroup
+from pipeline.cli import add_dataset_args, load_dataset, setup_logging
+from pipeline.dataset import MultiviewLabels, image_size
+from pipeline.errors import ParallaxError, run_main
+from pipeline.io_utils import atomic_paths, write_json
+from pipeline.triangulation import load_calibrations, triangulate_labels
+
+log = logging.getLogger("parallax.validate_calibration")
+
+
+def structural_problems(name: str, group: CameraGroup) -> list[str]:
+    """Problems :meth:`CameraGroup.load` cannot see on one camera alone."""
+    problems = []
+    for index, cam in enumerate(group.cameras):
+        width, height = cam.size
+        cx, cy = cam.matrix[0, 2], cam.matrix[1, 2]
+        if not (0 <= cx < width and 0 <= cy < height):
+            problems.append(
+                f"{name}: camera '{cam.name}' ([cam_{index}]) principal point ({cx:g}, {cy:g}) "
+                f"lies outside its {width}x{height} image"
+            )
+    centers = np.stack([cam.center for cam in group.cameras])
+    scale = max(float(np.ptp(centers, axis=0).max()), 1e-12)
+    for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2):
+        same = (
+            np.array_equal(a.matrix, b.matrix)
+            and np.array_equal(a.dist, b.dist)
+            and np.array_equal(a.rvec, b.rvec)
+            and np.array_equal(a.tvec, b.tvec)
+        )
+        if same:
+            problems.append(
+                f"{name}: camera '{b.name}' ([cam_{j}]) has exactly the parameters of camera "
+                f"'{a.name}' ([cam_{i}]); one of them was copied by mistake"
+            )
+        elif np.linalg.norm(a.center - b.center) <= 1e-6 * scale:
+            problems.append(
+                f"{name}: cameras '{a.name}' and '{b.name}' sit at the same place "
+                f"({a.center.round(3).tolist()}): a zero baseline cannot triangulate"
+            )
+    return problems
+
+
+def image_size_problems(name: str, group: CameraGroup, labels: MultiviewLabels) -> list[str]:
+    """Camera `size` against the first labelled image of each view (skipped for bbox crops)."""
+    if labels.bboxes is not None:
+        return []
+    frames = np.flatnonzero(labels.calibration_files == name)
+    problems = []
+    for view, cam in enumerate(group.cameras):
+        image = labels.data_dir / labels.image_paths[view, frames[0]]
+        size = image_size(image)
+        if tuple(size) != tuple(cam.size):
+            problems.append(
+                f"{name}: camera '{cam.name}' has size {list(cam.size)} (width, height) but "
+                f"image {image} is {size[0]}x{size[1]}"
+            )
+    return problems
+
+
+def _stats(errors: np.ndarray) -> tuple[int, float, float]:
+    """(count, median, p90) of the finite values."""
+    finite = errors[np.isfinite(errors)]
+    if finite.size == 0:
+        return 0, float("nan"), float("nan")
+    return int(finite.size), float(np.median(finite)), float(np.percentile(finite, 90))
+
+
+def camera_errors(
+    labels: MultiviewLabels, name: str, group: CameraGroup, min_views: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Per-camera reprojection statistics, with each camera in and left out.
+
+    Returns the table, errors_in (views, points) and errors_out (views, points) in pixels.
+    """
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    groups = {name: group}
+    errors_in = triangulate_labels(subset, groups, min_views=min_views).reproj_error
+    n_views = len(group.cameras)
+    errors_out = np.stack(
+        [
+            triangulate_labels(
+                subset, groups, min_views=min_views, view_weights=np.arange(n_views) != view
+            ).reproj_error[view]
+            for view in range(n_views)
+        ]
+    )
+    rows = []
+    for view, cam in enumerate(group.cameras):
+        n_in, med_in, p90_in = _stats(errors_in[view])
+        n_out, med_out, p90_out = _stats(errors_out[view])
+        rows.append(
+            dict(
+                calibration=name, camera=cam.name, n_points=n_in, median_px=med_in,
+                p90_px=p90_in, n_points_left_out=n_out, median_left_out_px=med_out,
+                p90_left_out_px=p90_out,
+            )
+        )
+    shape = (n_views, -1)
+    return pd.DataFrame(rows), errors_in.reshape(shape), errors_out.reshape(shape)
+
+
+def culprits(
+    labels: MultiviewLabels, name: str, group: CameraGroup, min_views: int, max_px: float
+) -> list[str]:
+    """Cameras to blame when some median exceeds `max_px`: drop the worst left-out camera
+    until the rest agree. One bad camera inflates everyone's error; this finds which."""
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    keep = np.ones(len(group.cameras), bool)
+    blamed: list[str] = []
+    while keep.sum() > min_views:
+        result = triangulate_labels(subset, {name: group}, min_views=min_views, view_weights=keep)
+        medians = np.array([_stats(result.reproj_error[v])[1] for v in range(len(keep))])
+        if np.all(np.nan_to_num(medians[keep]) <= max_px):
+            return blamed
+        loo = np.full(len(keep), -np.inf)
+        for view in np.flatnonzero(keep):
+            weights = keep & (np.arange(len(keep)) != view)
+            loo[view] = np.nan_to_num(
+                _stats(
+                    triangulate_labels(
+                        subset, {name: group}, min_views=min_views, view_weights=weights
+                    ).reproj_error[view]
+                )[1],
+                nan=-np.inf,
+            )
+        worst = int(np.argmax(loo))
+        keep[worst] = False
+        blamed.append(group.cameras[worst].name)
+    return blamed or [group.cameras[int(np.nanargmax(medians))].name]
+
+
+def plot_errors(path: Path, tables: dict[str, tuple[CameraGroup, np.ndarray, np.ndarray]],
+                max_px: float) -> None:
+    """Box plots of per-camera reprojection errors (in and left out), one panel per file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(tables), figsize=(4 + 2.5 * len(tables), 4), squeeze=False, sharey=True
+    )
+    for ax, (name, (group, errors_in, errors_out)) in zip(axes[0], tables.items(), strict=True):
+        data, ticks = [], []
+        for view, cam in enumerate(group.cameras):
+            for label, errors in (("in", errors_in[view]), ("out", errors_out[view])):
+                finite = errors[np.isfinite(errors)]
+                data.append(np.maximum(finite, 1e-3) if finite.size else [np.nan])
+                ticks.append(f"{cam.name}\n{label}")
+        ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
+        ax.set_xticks(range(1, len(ticks) + 1), ticks, fontsize=7)
+        ax.axhline(max_px, color="tab:red", lw=1, ls="--", label="max median")
+        ax.set_yscale("log")
+        ax.set_title(Path(name).name, fontsize=9)
+    axes[0, 0].set_ylabel("reprojection error (px)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+
+
+def validate(
+    labels: MultiviewLabels, max_px: float, min_views: int
+) -> tuple[dict, pd.DataFrame, dict[str, tuple[CameraGroup, np.ndarray, np.ndarray]]]:
+    """Run every check; raise ParallaxError listing the fatal problems, else return results."""
+    groups = load_calibrations(labels)
+    problems: list[str] = []
+    for name, group in groups.items():
+        problems += structural_problems(name, group) + image_size_problems(name, group, labels)
+    if problems:
+        raise ParallaxError("; ".join(problems))
+    tables, arrays = [], {}
+    for name, group in groups.items():
+        table, errors_in, errors_out = camera_errors(labels, name, group, min_views)
+        tables.append(table)
+        arrays[name] = (group, errors_in, errors_out)
+    table = pd.concat(tables, ignore_index=True)
+    log.info("per-camera reprojection error:\n%s", table.to_string(index=False))
+    for name, group in groups.items():
+        rows = table[table.calibration == name]
+        if (rows.median_px > max_px).any():
+            blamed = culprits(labels, name, group, min_views, max_px)
+            worst = rows.set_index("camera").loc[blamed]
+            details = ", ".join(
+                f"'{cam}' median {row.median_px:.2f} px (left out {row.median_left_out_px:.2f} px)"
+                for cam, row in worst.iterrows()
+            )
+            problems.append(
+                f"{name}: camera(s) {details} exceed calibration.max_median_reproj_px = "
+                f"{max_px:g}; the other cameras agree without them"
+            )
+    if problems:
+        raise ParallaxError("; ".join(problems))
+    summary = {
+        "passed": True,
+        "max_median_reproj_px": max_px,
+        "frames": int(labels.n_frames),
+        "frames_without_calibration": int(np.sum(labels.calibration_files == "")),
+        "calibrations": {
+            name: {
+                "cameras": list(group.names),
+                "frames": int(np.sum(labels.calibration_files == name)),
+                "all_view_median_px": float(np.nanmedian(arrays[name][1])),
+                "median_px": dict(zip(group.names, table[table.calibration == name].median_px,
+                                      strict=True)),
+            }
+            for name, group in groups.items()
+        },
+    }
+    return summary, table, arrays
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.validate_calibration",
+                                     description=__doc__.splitlines()[0])
+    add_dataset_args(parser)
+    parser.add_argument("--max-median-reproj-px", type=float, default=15.0,
+                        help="calibration.max_median_reproj_px")
+    parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
+    parser.add_argument("--summary", type=Path, required=True, help="output summary.json")
+    parser.add_argument("--table", type=Path, required=True, help="output per_camera.csv")
+    parser.add_argument("--plot", type=Path, required=True, help="output PNG")
+    return parser
+
+
+def _body(argv: Sequence[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    labels = load_dataset(args)
+    summary, table, arrays = validate(labels, args.max_median_reproj_px, args.min_views)
+    with atomic_paths(args.table, args.plot, args.summary) as (table_tmp, plot_tmp, summary_tmp):
+        table.to_csv(table_tmp, index=False)
+        plot_errors(plot_tmp, arrays, args.max_median_reproj_px)
+        write_json(summary_tmp, summary)
+    log.info("calibration valid: %s", {k: v["all_view_median_px"]
+                                       for k, v in summary["calibrations"].items()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The Snakemake workflow as a user runs it: lint, dry run, full run, reruns, bad config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "example": {"generate": True, "seed": 1, "sessions": 2, "frames_per_session": 8,
+                "views": 3, "width": 160, "height": 128, "label_noise_px": 0.3},
+    "data": {"data_dir": "results/example", "view_names": None, "csv_file": None,
+             "image_resize_dims": {"height": 64, "width": 64}},
+}
+
+
+def example_views(n: int) -> list[str]:
+    from pipeline.example import view_names_for
+
+    return list(view_names_for(n))
+
+
+def write_config(path: Path, **overrides) -> Path:
+    config = yaml.safe_load(yaml.safe_dump(TINY))
+    views = example_views(config["example"]["views"])
+    config["data"]["view_names"] = views
+    config["data"]["csv_file"] = [f"CollectedData_{v}.csv" for v in views]
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+           str(workdir), "--configfile", str(config), "--cores", "2", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(tmp_path, write_config(tmp_path / "c.yaml"), "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_default_config_dry_run(tmp_path):
+    result = snakemake(tmp_path, REPO / "config.yaml", "-n")
+    assert result.returncode == 0, result.stderr
+    for rule in ("generate_example", "validate_calibration", "triangulate_labels"):
+        assert rule in result.stdout
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    config = write_config(tmp_path / "c.yaml", data={"view_nmaes": ["a", "b"]})
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0
+    assert "view_nmaes" in result.stderr
+
+
+def test_wrong_type_in_config(tmp_path):
+    config = write_config(tmp_path / "c.yaml", triangulation={"min_views": "two"})
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0
+    assert "min_views" in result.stderr and "two" in result.stderr
+
+
+def test_csv_count_must_match_views(tmp_path):
+    config = write_config(tmp_path / "c.yaml", data={"csv_file": ["a.csv"]})
+    result = snakemake(tmp_path, config, "-n")
+    assert result.returncode != 0
+    assert "data.csv_file" in result.stderr
+
+
+def test_env_files_exist_and_parse():
+    referenced = set()
+    for rule_file in (REPO / "workflow" / "rules").glob("*.smk"):
+        for line in rule_file.read_text().splitlines():
+            if "envs/" in line and line.strip().startswith('"'):
+                referenced.add(line.strip().strip('",').split("envs/")[1])
+    assert referenced
+    for name in referenced:
+        env = yaml.safe_load((REPO / "envs" / name).read_text())
+        assert "dependencies" in env
+
+
+@pytest.mark.slow
+def test_full_run_rerun_and_single_stage(tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    first = snakemake(tmp_path, config)
+    assert first.returncode == 0, first.stderr
+    for out in ("results/calibration/summary.json", "results/calibration/per_camera.csv",
+                "results/calibration/reprojection_errors.png",
+                "results/triangulation/labels_3d.csv", "results/triangulation/outliers.csv",
+                "results/triangulation/summary.json"):
+        assert (tmp_path / out).is_file(), out
+    for log in ("validate_calibration", "triangulate_labels"):
+        assert (tmp_path / "logs" / f"{log}.log").stat().st_size > 0
+
+    again = snakemake(tmp_path, config, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+    # a config value only triangulate_labels uses reruns only triangulate_labels
+    changed = write_config(tmp_path / "c2.yaml", triangulation={"outlier_threshold_px": 3.0})
+    plan = snakemake(tmp_path, changed, "-n")
+    assert plan.returncode == 0, plan.stderr
+    assert "triangulate_labels" in plan.stdout
+    assert "validate_calibration" not in plan.stdout
+    assert "generate_example" not in plan.stdout
+
+    single = snakemake(tmp_path, config, "-R", "validate_calibration", "--until",
+                       "validate_calibration")
+    assert single.returncode == 0, single.stderr
+    assert "validate_calibration" in single.stderr and "triangulate_labels" not in single.stderr

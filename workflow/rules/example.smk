@@ -1,0 +1,35 @@
+# The bundled synthetic dataset: generated, never committed as images.
+
+if EXAMPLE["generate"]:
+
+    rule generate_example:
+        output:
+            csv=[data_file(name) for name in DATA["csv_file"]],
+            truth=data_file("ground_truth.npz"),
+        log:
+            "logs/generate_example.log",
+        benchmark:
+            "benchmarks/generate_example.tsv"
+        params:
+            out=str(DATA_DIR),
+            cfg=config_json("example"),
+            code=stage_digest("example"),
+            seed=EXAMPLE["seed"],
+            sessions=EXAMPLE["sessions"],
+            frames=EXAMPLE["frames_per_session"],
+            views=EXAMPLE["views"],
+            width=EXAMPLE["width"],
+            height=EXAMPLE["height"],
+            noise=EXAMPLE["label_noise_px"],
+            video_frames=EXAMPLE["video_frames"],
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=20,
+        conda:
+            "../../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.example --out {params.out} --seed {params.seed} "
+            "--sessions {params.sessions} --frames {params.frames} --views {params.views} "
+            "--width {params.width} --height {params.height} --noise {params.noise} "
+            "--video-frames {params.video_frames} > {log} 2>&1"
