@@ -13,15 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The rules call `python -m pipeline.<stage>`: put the venv first on PATH.
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
-	$(BIN)/snakemake --lint --configfile config.yaml
+	$(BIN)/snakemake --lint
 
 clean:
 	rm -rf results logs benchmarks .snakemake

@@ -113,3 +113,8 @@ def dataset_args() -> str:
     if DATA.get("camera_params_file"):
         args.append(f"--camera-params-file '{DATA['camera_params_file']}'")
     return " ".join(args)
+
+
+def parent_of_truth(wildcards, output) -> str:
+    """The example's dataset folder, derived from its `truth` output."""
+    return str(Path(output.truth).parent)
