@@ -33,7 +33,7 @@ log = logging.getLogger("parallax.triangulate_labels")
 
 
 def frame_keys(labels: MultiviewLabels) -> list[str]:
-    """A view-independent name per frame: `labeled-data/<session>/<image>` (LP calibrations.csv style)."""
+    """A view-independent name per frame: `labeled-data/<session>/<image>` (LP style)."""
     return [
         f"labeled-data/{session}/{name}"
         for session, name in zip(labels.sessions, labels.frame_names, strict=True)
@@ -58,7 +58,9 @@ def points_table(labels: MultiviewLabels, tri: LabelTriangulation) -> pd.DataFra
     return pd.DataFrame(columns)
 
 
-def outliers_table(labels: MultiviewLabels, tri: LabelTriangulation, threshold: float) -> pd.DataFrame:
+def outliers_table(
+    labels: MultiviewLabels, tri: LabelTriangulation, threshold: float
+) -> pd.DataFrame:
     """Labels reprojecting further than `threshold` px from their 3D point, worst first."""
     view, frame, kp = np.nonzero(np.nan_to_num(tri.reproj_error, nan=-1.0) > threshold)
     keys = np.asarray(frame_keys(labels), dtype=object)

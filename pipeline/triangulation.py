@@ -1,4 +1,4 @@
-"""Triangulation of a labelled multi-view dataset, frame groups sharing one calibration at a time."""
+"""Triangulation of a labelled multi-view dataset, one calibration's frames at a time."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def load_calibrations(labels: MultiviewLabels) -> dict[str, CameraGroup]:
         )
     missing = int(np.sum(labels.calibration_files == ""))
     if missing:
-        log.warning("%d of %d frames have no calibration; they get no 3D", missing, labels.n_frames)
+        log.warning("%d of %d frames have no calibration: no 3D", missing, labels.n_frames)
     return {path: CameraGroup.load(Path(path), view_names=labels.view_names) for path in files}
 
 

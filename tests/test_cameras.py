@@ -15,8 +15,8 @@ from pipeline.cameras import (
     CameraGroup,
     Triangulation,
     rodrigues,
-    triangulate_dlt_normalized,
 )
+from pipeline.dlt import triangulate_dlt_normalized
 from pipeline.errors import ParallaxError
 
 K = np.array([[1200.0, 0.0, 641.3], [0.0, 1185.0, 509.8], [0.0, 0.0, 1.0]])
