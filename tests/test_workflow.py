@@ -118,3 +118,13 @@ def test_full_run_rerun_and_single_stage(tmp_path):
                        "validate_calibration")
     assert single.returncode == 0, single.stderr
     assert "validate_calibration" in single.stderr and "triangulate_labels" not in single.stderr
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = REPO / "workflow" / "profiles" / "slurm"
+    result = snakemake(tmp_path, write_config(tmp_path / "c.yaml"), "-n",
+                       "--workflow-profile", str(profile))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "validate_calibration" in out and "slurm_partition=<your-partition>" in out
