@@ -42,24 +42,49 @@ def structural_problems(name: str, group: CameraGroup) -> list[str]:
             )
     centers = np.stack([cam.center for cam in group.cameras])
     scale = max(float(np.ptp(centers, axis=0).max()), 1e-12)
+    identical = set(identical_pairs(group))
     for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2):
-        same = (
-            np.array_equal(a.matrix, b.matrix)
-            and np.array_equal(a.dist, b.dist)
-            and np.array_equal(a.rvec, b.rvec)
-            and np.array_equal(a.tvec, b.tvec)
-        )
-        if same:
-            problems.append(
-                f"{name}: camera '{b.name}' ([cam_{j}]) has exactly the parameters of camera "
-                f"'{a.name}' ([cam_{i}]); one of them was copied by mistake"
-            )
-        elif np.linalg.norm(a.center - b.center) <= 1e-6 * scale:
+        if (i, j) not in identical and np.linalg.norm(a.center - b.center) <= 1e-6 * scale:
             problems.append(
                 f"{name}: cameras '{a.name}' and '{b.name}' sit at the same place "
                 f"({a.center.round(3).tolist()}): a zero baseline cannot triangulate"
             )
     return problems
+
+
+def identical_pairs(group: CameraGroup) -> list[tuple[int, int]]:
+    """Index pairs of cameras whose intrinsics, distortion and pose are all identical."""
+    return [
+        (i, j)
+        for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2)
+        if all(np.array_equal(getattr(a, k), getattr(b, k))
+               for k in ("matrix", "dist", "rvec", "tvec"))
+    ]
+
+
+def identical_problem(
+    labels: MultiviewLabels, name: str, group: CameraGroup, pair: tuple[int, int], min_views: int
+) -> str:
+    """Explain two identical cameras, using the other cameras to tell which one is the copy."""
+    i, j = pair
+    a, b = group.cameras[i].name, group.cameras[j].name
+    message = (f"{name}: cameras '{a}' ([cam_{i}]) and '{b}' ([cam_{j}]) have exactly the same "
+               "parameters; one of them was copied by mistake")
+    others = np.ones(len(group.cameras), bool)
+    others[[i, j]] = False
+    if others.sum() < min_views:
+        return message
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    errors = triangulate_labels(subset, {name: group}, min_views=min_views,
+                                view_weights=others).reproj_error
+    med = {view: _stats(errors[view])[1] for view in pair}
+    if not all(np.isfinite(list(med.values()))):
+        return message
+    copy, kept = (j, i) if med[j] > med[i] else (i, j)
+    return (f"{message}: the other cameras place the labels {med[copy]:.1f} px (median) from "
+            f"camera '{group.cameras[copy].name}' and {med[kept]:.1f} px from "
+            f"'{group.cameras[kept].name}', so camera '{group.cameras[copy].name}' holds the "
+            "wrong parameters")
 
 
 def image_size_problems(name: str, group: CameraGroup, labels: MultiviewLabels) -> list[str]:
@@ -189,6 +214,8 @@ def validate(
     problems: list[str] = []
     for name, group in groups.items():
         problems += structural_problems(name, group) + image_size_problems(name, group, labels)
+        problems += [identical_problem(labels, name, group, pair, min_views)
+                     for pair in identical_pairs(group)]
     if problems:
         raise ParallaxError("; ".join(problems))
     tables, arrays = [], {}

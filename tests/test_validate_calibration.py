@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,8 +100,9 @@ def test_perturbed_camera_is_blamed_by_reprojection(example_copy, tmp_path, caps
     group = CameraGroup.load(toml)
     cams = list(group.cameras)
     bad = cams[1]
+    turn = cv2.Rodrigues(np.array([0.0, np.deg2rad(2.0), 0.0]))[0]  # about the camera's y
     cams[1] = type(bad)(name=bad.name, size=bad.size, matrix=bad.matrix, dist=bad.dist,
-                        rvec=bad.rvec + np.array([0.0, np.deg2rad(2.0), 0.0]), tvec=bad.tvec,
+                        rvec=cv2.Rodrigues(turn @ bad.R)[0].ravel(), tvec=turn @ bad.tvec,
                         fisheye=bad.fisheye)
     CameraGroup(cameras=tuple(cams), metadata=group.metadata).dump(toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out",

@@ -61,21 +61,23 @@ def test_unknown_config_key_is_rejected(tmp_path):
     config = write_config(tmp_path / "c.yaml", data={"view_nmaes": ["a", "b"]})
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode != 0
-    assert "view_nmaes" in result.stderr
+    assert "view_nmaes" in result.stdout + result.stderr
 
 
 def test_wrong_type_in_config(tmp_path):
     config = write_config(tmp_path / "c.yaml", triangulation={"min_views": "two"})
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode != 0
-    assert "min_views" in result.stderr and "two" in result.stderr
+    out = result.stdout + result.stderr
+    assert "min_views" in out and "two" in out
 
 
 def test_csv_count_must_match_views(tmp_path):
-    config = write_config(tmp_path / "c.yaml", data={"csv_file": ["a.csv"]})
+    four = ["a.csv", "b.csv", "c.csv", "d.csv"]  # the example has 3 views
+    config = write_config(tmp_path / "c.yaml", data={"csv_file": four})
     result = snakemake(tmp_path, config, "-n")
     assert result.returncode != 0
-    assert "data.csv_file" in result.stderr
+    assert "data.csv_file" in result.stdout + result.stderr
 
 
 def test_env_files_exist_and_parse():
