@@ -27,6 +27,7 @@ __all__ = [
     "image_size",
     "load_labels",
     "read_label_csv",
+    "relative_path",
     "session_of",
     "write_label_csv",
 ]
@@ -94,6 +95,15 @@ def session_of(image_path: str, view: str) -> str:
     folder = parts[-2] if len(parts) >= 2 else ""
     suffix = f"_{view}"
     return folder[: -len(suffix)] if folder.endswith(suffix) and folder != suffix else folder
+
+
+def relative_path(path: str | Path, data_dir: Path) -> str:
+    """`path` relative to the dataset folder when inside it, else unchanged (for portable
+    tables and summaries)."""
+    try:
+        return str(Path(path).absolute().relative_to(Path(data_dir).absolute()))
+    except ValueError:
+        return str(path)
 
 
 def find_calibration(data_dir: Path, session: str) -> Path | None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import add_dataset_args, load_dataset, setup_logging
-from pipeline.dataset import MultiviewLabels
+from pipeline.dataset import MultiviewLabels, relative_path
 from pipeline.errors import run_main
 from pipeline.io_utils import atomic_paths, write_json
 from pipeline.triangulation import (
@@ -48,7 +48,8 @@ def points_table(labels: MultiviewLabels, tri: LabelTriangulation) -> pd.DataFra
     columns: dict[str, np.ndarray | list] = {
         "image": frame_keys(labels),
         "session": list(labels.sessions),
-        "calibration": [Path(p).name if p else "" for p in labels.calibration_files],
+        "calibration": [relative_path(p, labels.data_dir) if p else ""
+                        for p in labels.calibration_files],
     }
     for k, name in enumerate(labels.keypoint_names):
         for axis, suffix in enumerate("xyz"):

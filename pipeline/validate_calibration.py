@@ -21,7 +21,7 @@ import pandas as pd
 
 from pipeline.cameras import CameraGroup
 from pipeline.cli import add_dataset_args, load_dataset, setup_logging
-from pipeline.dataset import MultiviewLabels, image_size
+from pipeline.dataset import MultiviewLabels, image_size, relative_path
 from pipeline.errors import ParallaxError, run_main
 from pipeline.io_utils import atomic_paths, write_json
 from pipeline.triangulation import load_calibrations, triangulate_labels
@@ -240,17 +240,20 @@ def validate(
             )
     if problems:
         raise ParallaxError("; ".join(problems))
+    relative = {name: relative_path(name, labels.data_dir) for name in groups}
+    table["calibration"] = table["calibration"].map(relative)
     summary = {
         "passed": True,
         "max_median_reproj_px": max_px,
         "frames": int(labels.n_frames),
         "frames_without_calibration": int(np.sum(labels.calibration_files == "")),
         "calibrations": {
-            name: {
+            relative[name]: {
                 "cameras": list(group.names),
                 "frames": int(np.sum(labels.calibration_files == name)),
                 "all_view_median_px": float(np.nanmedian(arrays[name][1])),
-                "median_px": dict(zip(group.names, table[table.calibration == name].median_px,
+                "median_px": dict(zip(group.names,
+                                      table[table.calibration == relative[name]].median_px,
                                       strict=True)),
             }
             for name, group in groups.items()
