@@ -14,6 +14,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/example.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/triangulation.smk"
+include: "workflow/rules/cache.smk"
 
 
 rule all:
@@ -21,3 +22,4 @@ rule all:
     input:
         "results/calibration/summary.json",
         "results/triangulation/labels_3d.csv",
+        "results/cache/train.h5",

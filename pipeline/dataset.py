@@ -24,6 +24,7 @@ __all__ = [
     "LabelTable",
     "MultiviewLabels",
     "find_calibration",
+    "frame_keys",
     "image_size",
     "load_labels",
     "read_label_csv",
@@ -95,6 +96,14 @@ def session_of(image_path: str, view: str) -> str:
     folder = parts[-2] if len(parts) >= 2 else ""
     suffix = f"_{view}"
     return folder[: -len(suffix)] if folder.endswith(suffix) and folder != suffix else folder
+
+
+def frame_keys(labels: MultiviewLabels) -> list[str]:
+    """A view-independent name per frame: `labeled-data/<session>/<image>` (LP style)."""
+    return [
+        f"labeled-data/{session}/{name}"
+        for session, name in zip(labels.sessions, labels.frame_names, strict=True)
+    ]
 
 
 def relative_path(path: str | Path, data_dir: Path) -> str:

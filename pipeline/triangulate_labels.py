@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import add_dataset_args, load_dataset, setup_logging
-from pipeline.dataset import MultiviewLabels, relative_path
+from pipeline.dataset import MultiviewLabels, frame_keys, relative_path
 from pipeline.errors import run_main
 from pipeline.io_utils import atomic_paths, write_json
 from pipeline.triangulation import (
@@ -30,14 +30,6 @@ from pipeline.triangulation import (
 )
 
 log = logging.getLogger("parallax.triangulate_labels")
-
-
-def frame_keys(labels: MultiviewLabels) -> list[str]:
-    """A view-independent name per frame: `labeled-data/<session>/<image>` (LP style)."""
-    return [
-        f"labeled-data/{session}/{name}"
-        for session, name in zip(labels.sessions, labels.frame_names, strict=True)
-    ]
 
 
 def points_table(labels: MultiviewLabels, tri: LabelTriangulation) -> pd.DataFrame:
@@ -138,7 +130,8 @@ def _body(argv: Sequence[str] | None) -> None:
         "%d without calibration, %d outliers > %g px; median reprojection %.3f px",
         summary["frames"], summary["triangulated"], summary["too_few_views"],
         summary["no_calibration"], summary["outliers"], args.outlier_threshold_px,
-        summary["median_reprojection_px"] or float("nan"),
+        float("nan") if summary["median_reprojection_px"] is None
+        else summary["median_reprojection_px"],
     )
     with atomic_paths(args.points, args.outliers, args.summary) as (points, out, summ):
         points_table(labels, tri).to_csv(points, index=False)

@@ -16,6 +16,16 @@ DATA_DIR = Path(DATA["data_dir"])
 VIEWS = list(DATA["view_names"])
 EXAMPLE = config["example"]
 PIPELINE_DIR = Path(workflow.basedir) / "pipeline"
+# the config values that shape the HDF5 cache (also its config hash, checked by readers)
+CACHE_KEYS = (
+    "data.image_resize_dims",
+    "augmentation",
+    "training.imgaug_3d",
+    "training.train_prob",
+    "training.val_prob",
+    "training.rng_seed_data_pt",
+    "training.test_sessions",
+)
 
 
 def _check_config():
