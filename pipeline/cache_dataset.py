@@ -3,7 +3,8 @@
 The file is opened lazily in each process (so DataLoader workers each get their own handle);
 small arrays (keypoints, cameras) are read once. Items are ready for the model:
 
-  images (V, 3, H, W) float32 RGB normalised with ImageNet mean/std
+  images (V, 3, H, W) uint8 RGB: normalise batches with `normalize_images` (cheaper in torch,
+    and on the GPU, than per sample in the loader)
   keypoints_2d (V, K, 2) float32 model pixels, 0 where missing; keypoints_valid (V, K) bool
   visible (V, K) int8; keypoints_3d (K, 3) float32, 0 where missing; keypoints_3d_valid (K,)
   frame_from_model (V, 2, 3); intrinsics (V, 3, 3); extrinsics (V, 3, 4); distortions (V, 8)
@@ -26,6 +27,13 @@ from pipeline.photometric import PhotometricConfig, photometric
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3, H, W) -> float32 normalised with ImageNet mean/std."""
+    mean = torch.as_tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return images.float().div_(255.0).sub_(mean).div_(std)
 
 
 class CacheDataset(Dataset):
@@ -78,8 +86,7 @@ class CacheDataset(Dataset):
         if self.photometric is not None:
             rng = np.random.default_rng(np.random.SeedSequence((self.seed, self.epoch, row)))
             images = photometric(images, rng, self.photometric)
-        rgb = images[..., ::-1].astype(np.float32) / 255.0
-        normalised = ((rgb - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+        rgb = np.ascontiguousarray(images[..., ::-1].transpose(0, 3, 1, 2))
         meta = self.meta
         kp2d = meta["keypoints_2d"][row]
         kp3d = meta["keypoints_3d"][row]
@@ -95,7 +102,7 @@ class CacheDataset(Dataset):
         valid_2d = np.isfinite(kp2d).all(-1)
         valid_3d = np.isfinite(kp3d).all(-1)
         return {
-            "images": torch.from_numpy(np.ascontiguousarray(normalised)),
+            "images": torch.from_numpy(rgb),
             "keypoints_2d": torch.from_numpy(np.nan_to_num(kp2d).astype(np.float32)),
             "keypoints_valid": torch.from_numpy(valid_2d),
             "visible": torch.from_numpy(meta["visible"][row]),

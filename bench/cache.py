@@ -1,0 +1,176 @@
+"""Benchmark: reading training samples from the HDF5 cache vs decoding + augmenting on the fly.
+
+  .venv/bin/python bench/cache.py [--write]
+
+For the synthetic example at a realistic size (4 views, 640x512 -> 256x256) and, when
+../shared/data/mouse-4cam exists, the real recording (4 views, 1280x1024 -> 256x256):
+- build the cache in a subprocess, recording wall time and its peak RSS;
+- samples/s through CacheDataset + DataLoader (batch 8) with 0 and 2 workers;
+- samples/s of the on-the-fly path: decode the frame's images from disk, 3D-augment, warp,
+  resize and normalise (the same code the cache build runs), single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SECTION = "## Cache (bench/cache.py)"
+CONFIG = {
+    "data.image_resize_dims": {"height": 256, "width": 256},
+    "augmentation": {"copies_per_frame": 2, "scale_range": [0.8, 1.2], "translate_frac": 0.25,
+                     "rotate_deg": 0.0, "vertical_axis": [0.0, 0.0, 1.0]},
+    "training.imgaug_3d": True, "training.train_prob": 0.8, "training.val_prob": 0.1,
+    "training.rng_seed_data_pt": 0, "training.test_sessions": [],
+}
+
+
+def run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+
+
+def build(data: Path, views: list[str], out: Path) -> tuple[float, float]:
+    """Triangulate + build the cache in a child process: (seconds, peak RSS MiB of the build)."""
+    args = ["--data-dir", str(data), "--view-names", *views,
+            "--csv-files", *[f"CollectedData_{v}.csv" for v in views]]
+    run([sys.executable, "-m", "pipeline.triangulate_labels", *args, "--points",
+         str(out / "labels_3d.csv"), "--outliers", str(out / "o.csv"), "--summary",
+         str(out / "t.json")])
+    code = (
+        "import resource, sys; from pipeline.cache_augmentations import main; "
+        "code = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)"
+    )
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args, "--labels-3d", str(out / "labels_3d.csv"),
+         "--config-json", json.dumps(CONFIG), "--splits", str(out / "splits.csv"), "--train",
+         str(out / "train.h5"), "--eval", str(out / "eval.h5"), "--picture",
+         str(out / "augment.png")], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+    return seconds, int(result.stdout.split()[-1]) / 1024
+
+
+def loader_rate(path: Path, workers: int, n: int) -> float:
+    import torch
+
+    from pipeline.cache_dataset import CacheDataset, normalize_images
+    from pipeline.photometric import PhotometricConfig
+
+    dataset = CacheDataset(path, photometric=PhotometricConfig())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    start, seen = None, 0
+    for batch in loader:  # the first batch (worker start-up) is not timed
+        if start is None:
+            start = time.perf_counter()
+            continue
+        normalize_images(batch["images"])  # the per-batch step the training loop runs
+        seen += batch["images"].shape[0]
+        if seen >= n:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def on_the_fly_rate(data: Path, views: list[str], out: Path, n: int) -> float:
+    import numpy as np
+    import torch
+
+    from pipeline import cache_augmentations as stage
+    from pipeline.cache_build import build_sample, read_image
+    from pipeline.cache_dataset import normalize_images
+    from pipeline.dataset import load_labels
+    from pipeline.photometric import PhotometricConfig, photometric
+    from pipeline.triangulation import load_calibrations
+
+    labels = load_labels(data, views, [f"CollectedData_{v}.csv" for v in views])
+    groups = load_calibrations(labels)
+    points = stage.read_points_3d(out / "labels_3d.csv", labels)
+    spec = stage.spec_from_config(CONFIG)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for i in range(n):
+        frame = i % labels.n_frames
+        images = [read_image(labels.data_dir / p) for p in labels.image_paths[:, frame]]
+        sample = build_sample(labels, points, frame, 1 + i % 2, images,
+                              groups[labels.calibration_files[frame]], spec)
+        augmented = photometric(sample["images"], rng, PhotometricConfig())
+        rgb = np.ascontiguousarray(augmented[..., ::-1].transpose(0, 3, 1, 2))
+        _ = normalize_images(torch.from_numpy(rgb))
+    return n / (time.perf_counter() - start)
+
+
+def machine() -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?")
+    import h5py
+    import torch
+
+    return [f"- date: {datetime.date.today()}; CPU: {cpu}, {os.cpu_count()} cores; "
+            f"python {platform.python_version()}, torch {torch.__version__}, "
+            f"h5py {h5py.__version__}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=160)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    from pipeline.example import generate_example, view_names_for
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_example(tmp / "example", n_views=4, frames_per_session=40,
+                         image_size=(640, 512), label_noise_px=0.5)
+        datasets = [("synthetic 4x640x512", tmp / "example", list(view_names_for(4)))]
+        mouse = REPO.parent / "shared" / "data" / "mouse-4cam"
+        if (mouse / "calibration.toml").is_file():
+            datasets.append(("mouse-4cam 4x1280x1024", mouse, ["back", "mid", "side", "top"]))
+        for name, data, views in datasets:
+            out = tmp / name.split()[0]
+            out.mkdir()
+            seconds, rss = build(data, views, out)
+            size = (out / "train.h5").stat().st_size / 2**20
+            fly = on_the_fly_rate(data, views, out, max(16, args.samples // 4))
+            rates = [loader_rate(out / "train.h5", w, args.samples) for w in (0, 2)]
+            rows.append(f"| {name} | {seconds:.1f} | {rss:.0f} | {size:.0f} | {fly:.1f} | "
+                        f"{rates[0]:.0f} | {rates[1]:.0f} | {rates[0] / fly:.0f}x |")
+            print(rows[-1], flush=True)
+    table = "\n".join([
+        "Cache build (triangulation excluded) in a child process; reading via CacheDataset + "
+        "DataLoader (batch 8, photometric augmentation on, 256x256, 4 views) vs decoding the "
+        "images and augmenting on the fly in one process (same code path as the build).",
+        "",
+        "| dataset | build (s) | build peak RSS (MiB) | train.h5 (MiB) | on the fly (samples/s) "
+        "| cache, 0 workers | cache, 2 workers | speed-up (0 workers) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows, "", *machine(),
+    ])
+    print(table)
+    if args.write:
+        path = REPO / "bench" / "RESULTS.md"
+        text = path.read_text()
+        start = text.find(SECTION)
+        if start >= 0:
+            end = text.find("\n## ", start + len(SECTION))
+            text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+        path.write_text(text.rstrip("\n") + f"\n\n{SECTION}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
