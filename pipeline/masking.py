@@ -150,4 +150,5 @@ def apply_patch_mask(images: torch.Tensor, mask: torch.Tensor, patch_size: int) 
         raise ValueError(f"patch mask has shape {tuple(mask.shape)}, expected {(b, v, gh, gw)}")
     blocks = images.reshape(b, v, c, gh, patch_size, gw, patch_size)
     masked = mask.to(device=images.device, dtype=torch.bool)[:, :, None, :, None, :, None]
-    return blocks.masked_fill(masked, 0.0).reshape(b, v, c, h, w)
+    zero = torch.zeros((), dtype=images.dtype, device=images.device)
+    return torch.where(masked, zero, blocks).reshape(b, v, c, h, w)
