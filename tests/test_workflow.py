@@ -53,7 +53,8 @@ def test_lint_is_clean(tmp_path):
 def test_default_config_dry_run(tmp_path):
     result = snakemake(tmp_path, REPO / "config.yaml", "-n")
     assert result.returncode == 0, result.stderr
-    for rule in ("generate_example", "validate_calibration", "triangulate_labels"):
+    for rule in ("generate_example", "validate_calibration", "triangulate_labels",
+                 "cache_augmentations"):
         assert rule in result.stdout
 
 
@@ -100,7 +101,8 @@ def test_full_run_rerun_and_single_stage(tmp_path):
     for out in ("results/calibration/summary.json", "results/calibration/per_camera.csv",
                 "results/calibration/reprojection_errors.png",
                 "results/triangulation/labels_3d.csv", "results/triangulation/outliers.csv",
-                "results/triangulation/summary.json"):
+                "results/triangulation/summary.json", "results/cache/splits.csv",
+                "results/cache/train.h5", "results/cache/eval.h5", "results/cache/augment.png"):
         assert (tmp_path / out).is_file(), out
     for log in ("validate_calibration", "triangulate_labels"):
         assert (tmp_path / "logs" / f"{log}.log").stat().st_size > 0
@@ -112,9 +114,15 @@ def test_full_run_rerun_and_single_stage(tmp_path):
     changed = write_config(tmp_path / "c2.yaml", triangulation={"outlier_threshold_px": 3.0})
     plan = snakemake(tmp_path, changed, "-n")
     assert plan.returncode == 0, plan.stderr
-    assert "triangulate_labels" in plan.stdout
+    assert "triangulate_labels" in plan.stdout and "cache_augmentations" in plan.stdout
     assert "validate_calibration" not in plan.stdout
     assert "generate_example" not in plan.stdout
+
+    # an augmentation setting reruns the cache only
+    changed = write_config(tmp_path / "c3.yaml", augmentation={"copies_per_frame": 1})
+    plan = snakemake(tmp_path, changed, "-n")
+    assert plan.returncode == 0, plan.stderr
+    assert "cache_augmentations" in plan.stdout and "triangulate_labels" not in plan.stdout
 
     single = snakemake(tmp_path, config, "-R", "validate_calibration", "--until",
                        "validate_calibration")
