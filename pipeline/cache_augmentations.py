@@ -16,13 +16,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 
 from pipeline import augment3d as aug
 from pipeline.cache import config_hash, files_hash
 from pipeline.cache_build import BuildStats, CacheSpec, build_cache
 from pipeline.cli import add_dataset_args, load_dataset, setup_logging
-from pipeline.dataset import MultiviewLabels, frame_keys
+from pipeline.dataset import MultiviewLabels, frame_keys, read_frame_table
 from pipeline.errors import ParallaxError, run_main
 from pipeline.io_utils import atomic_paths
 from pipeline.splits import make_splits
@@ -33,13 +32,7 @@ log = logging.getLogger("parallax.cache_augmentations")
 
 def read_points_3d(path: Path, labels: MultiviewLabels) -> np.ndarray:
     """(frames, keypoints, 3) from triangulate_labels' CSV, checked against the dataset."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise ParallaxError(f"{path}: cannot read: {err}") from None
-    if list(table.get("image", [])) != frame_keys(labels):
-        raise ParallaxError(f"{path}: its frames differ from the dataset's; rerun "
-                            "triangulate_labels")
+    table = read_frame_table(path, frame_keys(labels), "triangulate_labels")
     columns = [f"{k}_{axis}" for k in labels.keypoint_names for axis in "xyz"]
     missing = [c for c in columns if c not in table.columns]
     if missing:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.dataset import read_frame_table
 from pipeline.errors import ParallaxError
 
 SETS = ("train", "val", "test")
@@ -55,13 +56,7 @@ def make_splits(
 
 def read_splits(path, keys: Sequence[str]) -> np.ndarray:
     """The `set` column of a splits CSV, checked against the dataset's frame keys."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise ParallaxError(f"{path}: cannot read the splits table: {err}") from None
-    if list(table.get("image", [])) != list(keys):
-        raise ParallaxError(f"{path}: its frames do not match the dataset's labelled frames; "
-                            "rerun cache_augmentations")
+    table = read_frame_table(path, keys, "cache_augmentations")
     bad = set(table["set"]) - set(SETS)
     if bad:
         raise ParallaxError(f"{path}: unknown set name(s) {sorted(bad)}")
