@@ -211,3 +211,16 @@ def test_dataset_items_and_workers(built):
     assert batch["images"].shape == (4, views, 3, 128, 128)
     evaluation = CacheDataset(built["eval"])
     assert set(evaluation.meta["set"].astype(str)) <= {"val", "test"}
+
+
+def test_splits_table(built, example_dir):
+    from pipeline.dataset import frame_keys, load_labels
+    from pipeline.splits import read_splits
+
+    views = ["cam0", "cam1", "cam2"]
+    labels = load_labels(example_dir, views, [f"CollectedData_{v}.csv" for v in views])
+    sets = read_splits(built["splits"], frame_keys(labels))
+    assert sorted(set(sets)) == ["test", "train", "val"]
+    assert (sets == "train").sum() == 12  # train_prob 0.6 of 20 frames
+    with pytest.raises(ParallaxError, match="rerun cache_augmentations"):
+        read_splits(built["splits"], frame_keys(labels)[::-1])
