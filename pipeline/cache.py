@@ -15,6 +15,7 @@ written without timestamps so equal inputs give byte-identical files):
   frame_index, copy int32   (N,)             labelled row (labels order) and copy (0 = original)
   scale, shift, rotation_deg                 augmentation parameters
   image             str     (N,)             frame key labeled-data/<session>/<file>
+  source_paths      str     (N, V)           each view's source image, relative to data_dir
   set               str     (N,)             train / val / test
   cam_intrinsics (C, V, 3, 3), cam_extrinsics (C, V, 3, 4), cam_distortions (C, V, 8),
   cam_fisheye (C, V) bool, cam_files (C,) str
@@ -43,7 +44,7 @@ PER_SAMPLE = {
     "fit_residual_px": np.float32, "calibration_index": np.int32, "frame_index": np.int32,
     "copy": np.int32, "scale": np.float64, "shift": np.float64, "rotation_deg": np.float64,
 }
-STRINGS = ("image", "set")
+STRINGS = ("image", "set", "source_paths")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -106,7 +107,8 @@ class CacheWriter:
                 compression="lzf", fletcher32=True, track_times=False,
             )
         for name in STRINGS:
-            self.data[name] = h5.create_dataset(name, shape=(n,), dtype=h5py.string_dtype(),
+            shape = (n, views) if name == "source_paths" else (n,)
+            self.data[name] = h5.create_dataset(name, shape=shape, dtype=h5py.string_dtype(),
                                                 track_times=False)
 
     def write(self, index: int, sample: dict[str, Any]) -> None:

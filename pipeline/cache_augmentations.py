@@ -87,7 +87,7 @@ def draw_picture(path: Path, train_h5: Path, stats: BuildStats, max_rows: int = 
     cv2.putText(footer, f"similarity-fit residual (model px): median {np.median(residuals):.3f}, "
                 f"p95 {np.percentile(residuals, 95):.3f}", (4, 15), cv2.FONT_HERSHEY_SIMPLEX,
                 0.45, (255, 255, 255), 1)
-    cv2.imwrite(str(path), np.vstack([picture, footer]))
+    path.write_bytes(cv2.imencode(".png", np.vstack([picture, footer]))[1].tobytes())
 
 
 def build_parser() -> argparse.ArgumentParser:

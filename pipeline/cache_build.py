@@ -162,7 +162,8 @@ def build_cache(path: Path, labels: MultiviewLabels, points_3d: np.ndarray, sets
             sample = build_sample(labels, points_3d, frame, copy, cached[1],
                                   groups.get(calibration), spec)
             sample.update(calibration_index=calib_index.get(calibration, -1),
-                          image=keys[frame], set=sets[frame])
+                          image=keys[frame], set=sets[frame],
+                          source_paths=list(labels.image_paths[:, frame]))
             writer.write(index, sample)
             if copy > 0:
                 stats.residuals.append(sample["fit_residual_px"])

@@ -1,21 +1,42 @@
 """Lightning Pose multiview datasets: one DLC-style CSV per view, rows aligned across views.
 
-Layout (docs: formats.md §2): `CollectedData_<view>.csv` per view, images in
-`labeled-data/<session>_<view>/<frame>.<ext>`, calibration per frame from (1) the optional
-`data.camera_params_file` (LP's calibrations.csv), (2) `calibrations/<session>.toml`,
-(3) `calibration.toml`. Optional per-view bbox CSVs (`,x,y,h,w`) map crop pixels to frame
-pixels. Everything returned is in frame pixels of the original camera image.
+Layout (docs: formats.md §2, §6):
+  CollectedData_<view>.csv                    one per view, in `data.view_names` order
+  labeled-data/<session>_<view>/<frame>.png   row n of every CSV is the same instant
+  calibrations.csv                            optional `data.camera_params_file`
+  calibrations/<session>.toml, calibration.toml
+  bboxes_<view>.csv                           optional `data.bbox_file`, header `,x,y,h,w`
+
+Checks: one CSV per view, unique view names; the same keypoints in the same order, the same row
+count and the same image basename on every row in all views; one session per row.
+
+Sessions: the image folder `<session>_<view>` with the trailing `_<view>` stripped; a folder that
+does not end with `_<view>` is the session as a whole (then every view must use the same folder
+name on that row).
+
+Calibration per frame, first hit wins: (1) the `camera_params_file` (LP's calibrations.csv: first
+column an image path without the view folder, e.g. `labeled-data/session0/img00000005.png`,
+column `file` a TOML path relative to data_dir). LP matches its rows by basename and row order;
+Parallax matches a row to a frame by (session, basename), the session being the path's folder
+(a `_<view>` suffix is stripped if present), so row order does not matter and equal basenames in
+different sessions cannot be confused. Frames it does not list fall through, listed rows that match
+no frame are logged as a warning. (2) `calibrations/<session>.toml`. (3) `calibration.toml`.
+Otherwise "" (no calibration for that frame).
+
+Bboxes: the label CSVs are then in crop pixels; frame = bbox (x, y) + crop * (w / crop width,
+h / crop height), the crop image size read from the image header when `check_images` is True
+(crops may have been resized), else scale 1. Everything returned is in frame pixels.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pandas as pd
 
 from pipeline.errors import ParallaxError
 from pipeline.labels_io import LabelTable, read_label_csv, write_label_csv
@@ -27,7 +48,6 @@ __all__ = [
     "frame_keys",
     "image_size",
     "load_labels",
-    "read_frame_table",
     "read_label_csv",
     "relative_path",
     "session_of",
@@ -43,7 +63,8 @@ class MultiviewLabels:
 
     image_paths: (views, frames) the CSV row keys, relative to data_dir
     points_2d: (views, frames, keypoints, 2) frame pixels, NaN where missing
-    visible: (views, frames, keypoints) LP visibility (0/1/2, NaN where missing) or None
+    visible: (views, frames, keypoints) LP visibility (0/1/2, NaN where missing) or None; a view
+        whose CSV has no `visible` coord gets 2 where labelled when another view has one
     sessions, frame_names: (frames,) session name and image basename of each row
     bboxes: (views, frames, 4) x, y, h, w in frame pixels (LP order) or None
     calibration_files: (frames,) absolute path of the frame's calibration TOML, "" if none
@@ -73,27 +94,33 @@ class MultiviewLabels:
         return len(self.keypoint_names)
 
     def select(self, frames: np.ndarray | Sequence[int]) -> MultiviewLabels:
-        """The subset of frames given by indices or a boolean mask."""
+        """The subset of frames given by indices or a boolean mask of length n_frames."""
         frames = np.asarray(frames)
         if frames.dtype == bool:
+            if frames.shape != (self.n_frames,):
+                raise ValueError(f"frame mask shape {frames.shape} != ({self.n_frames},)")
             frames = np.flatnonzero(frames)
-        per_view = {"image_paths", "points_2d", "visible", "bboxes"}
-        per_frame = {"sessions", "frame_names", "calibration_files"}
+        frames = frames.astype(int).reshape(-1)
+        per_view = ("image_paths", "points_2d", "visible", "bboxes")
+        per_frame = ("sessions", "frame_names", "calibration_files")
         changes = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if value is not None and field.name in per_view:
-                changes[field.name] = value[:, frames]
-            elif field.name in per_frame:
-                changes[field.name] = value[frames]
-        return MultiviewLabels(**{**{f.name: getattr(self, f.name) for f in fields(self)},
-                                  **changes})
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is not None and item.name in per_view:
+                changes[item.name] = value[:, frames]
+            elif item.name in per_frame:
+                changes[item.name] = value[frames]
+        return replace(self, **changes)
+
+
+def _posix(image_path: str) -> PurePosixPath:
+    return PurePosixPath(str(image_path).replace("\\", "/"))
 
 
 def session_of(image_path: str, view: str) -> str:
     """`labeled-data/sess1_cam0/img5.png`, `cam0` -> `sess1`; a folder without `_<view>` is
     returned whole."""
-    parts = PurePosixPath(image_path.replace("\\", "/")).parts
+    parts = _posix(image_path).parts
     folder = parts[-2] if len(parts) >= 2 else ""
     suffix = f"_{view}"
     return folder[: -len(suffix)] if folder.endswith(suffix) and folder != suffix else folder
@@ -107,19 +134,6 @@ def frame_keys(labels: MultiviewLabels) -> list[str]:
     ]
 
 
-def read_frame_table(path: str | Path, keys: Sequence[str], stage: str) -> pd.DataFrame:
-    """A per-frame CSV written by `stage` (its `image` column = `frame_keys`), checked to list
-    exactly the dataset's labelled frames in order."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise ParallaxError(f"{path}: cannot read: {err}") from None
-    if list(table.get("image", [])) != list(keys):
-        raise ParallaxError(f"{path}: its frames differ from the dataset's labelled frames; "
-                            f"rerun {stage}")
-    return table
-
-
 def relative_path(path: str | Path, data_dir: Path) -> str:
     """`path` relative to the dataset folder when inside it, else unchanged (for portable
     tables and summaries)."""
@@ -130,7 +144,8 @@ def relative_path(path: str | Path, data_dir: Path) -> str:
 
 
 def find_calibration(data_dir: Path, session: str) -> Path | None:
-    """`calibrations/<session>.toml`, else `calibration.toml`, else None."""
+    """`calibrations/<session>.toml`, else `calibration.toml`, else None (absolute paths)."""
+    data_dir = Path(data_dir)
     for candidate in (data_dir / "calibrations" / f"{session}.toml",
                       data_dir / "calibration.toml"):
         if candidate.is_file():
@@ -139,7 +154,7 @@ def find_calibration(data_dir: Path, session: str) -> Path | None:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image from its header (no full decode)."""
+    """(width, height) of an image, read from its header (no full decode)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -156,66 +171,108 @@ def _check_alignment(tables: list[LabelTable]) -> None:
     first = tables[0]
     for table in tables[1:]:
         if table.keypoint_names != first.keypoint_names:
-            pairs = zip(first.keypoint_names, table.keypoint_names, strict=False)
-            where = next((i for i, (a, b) in enumerate(pairs) if a != b),
-                         min(len(first.keypoint_names), len(table.keypoint_names)))
+            ours, theirs = table.keypoint_names, first.keypoint_names
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                      min(len(ours), len(theirs)))
+            here = f"'{ours[at]}'" if at < len(ours) else "nothing"
+            there = f"'{theirs[at]}'" if at < len(theirs) else "nothing"
             raise ParallaxError(
-                f"{table.path}: keypoints differ from {first.path.name} at position {where + 1}: "
-                f"{list(table.keypoint_names)} vs {list(first.keypoint_names)}; every view needs "
-                "the same keypoints in the same order"
+                f"{table.path}: keypoint {at + 1} is {here} but {there} in {first.path.name} "
+                f"({len(ours)} vs {len(theirs)} keypoints); every view needs the same keypoints "
+                "in the same order"
             )
         if len(table.index) != len(first.index):
+            more = "more" if len(table.index) > len(first.index) else "fewer"
             raise ParallaxError(
-                f"{table.path}: {len(table.index)} rows but {first.path.name} has "
-                f"{len(first.index)}; row n of every view must be the same frame"
+                f"{table.path}: {len(table.index)} rows, {more} than the {len(first.index)} rows "
+                f"of {first.path.name}; row n of every view must be the same frame"
             )
-        base_a = np.array([PurePosixPath(p).name for p in first.index])
-        base_b = np.array([PurePosixPath(p).name for p in table.index])
+        base_a = np.array([_posix(p).name for p in first.index])
+        base_b = np.array([_posix(p).name for p in table.index])
         bad = np.flatnonzero(base_a != base_b)
         if bad.size:
             row = int(bad[0])
             raise ParallaxError(
-                f"{table.path}: row {row + 1} is '{table.index[row]}' but {first.path.name} row "
-                f"{row + 1} is '{first.index[row]}' ({bad.size} rows differ); image basenames "
-                "must match row by row across views"
+                f"{table.path}: row {row + 1} (line {table.line_of(row)}) is '{table.index[row]}' "
+                f"but row {row + 1} of {first.path.name} is '{first.index[row]}' ({bad.size} rows "
+                "differ); image basenames must match row by row across views"
             )
 
 
 def _sessions(tables: list[LabelTable], views: Sequence[str]) -> np.ndarray:
-    per_view = np.array([[session_of(p, v) for p in t.index] for t, v in zip(tables, views,
-                                                                              strict=True)])
+    per_view = np.array([[session_of(p, v) for p in t.index]
+                         for t, v in zip(tables, views, strict=True)], dtype=object)
     bad = np.flatnonzero((per_view != per_view[0]).any(axis=0))
     if bad.size:
         row = int(bad[0])
-        found = {v: per_view[i, row] for i, v in enumerate(views)}
+        found = ", ".join(f"{t.path.name}: '{t.index[row]}' -> '{per_view[i, row]}'"
+                          for i, t in enumerate(tables))
         raise ParallaxError(
-            f"{tables[0].path}: row {row + 1}: views disagree on the session {found}; images go "
-            "in labeled-data/<session>_<view>/"
+            f"{tables[0].path.parent}: row {row + 1}: the views disagree on the session ({found});"
+            " images go in labeled-data/<session>_<view>/"
         )
     return per_view[0]
 
 
-def _params_file_calibrations(data_dir: Path, name: str, sessions: np.ndarray,
-                              frame_names: np.ndarray) -> np.ndarray:
+def _read_plain_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line, cells) rows of a simple one-header CSV; blank lines skipped."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            rows, start = [], 1
+            for row in reader:
+                if any(c.strip() for c in row):
+                    rows.append((start, [c.strip() for c in row]))
+                start = reader.line_num + 1
+    except FileNotFoundError:
+        raise ParallaxError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ParallaxError(f"{path}: cannot read {what}: {err}") from None
+    if not rows:
+        raise ParallaxError(f"{path}: {what} is empty")
+    header = rows[0][1]
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise ParallaxError(f"{path}: line {line} has {len(row)} cells, the header has "
+                                f"{len(header)}")
+    return header, rows[1:]
+
+
+def _params_file_calibrations(data_dir: Path, name: str, views: Sequence[str],
+                              sessions: np.ndarray, frame_names: np.ndarray) -> np.ndarray:
     """LP calibrations.csv: match rows to frames by (session, basename); "" where not listed."""
     path = data_dir / name
-    try:
-        table = pd.read_csv(path, index_col=0)
-    except FileNotFoundError:
-        raise ParallaxError(f"{path}: data.camera_params_file not found") from None
-    except (OSError, ValueError) as err:
-        raise ParallaxError(f"{path}: cannot read data.camera_params_file: {err}") from None
-    if "file" not in table.columns:
-        raise ParallaxError(f"{path}: needs a 'file' column (found {list(table.columns)})")
-    lookup = {}
-    for line, (image, toml) in enumerate(zip(table.index, table["file"], strict=True), start=2):
-        parts = PurePosixPath(str(image)).parts
-        toml_path = (data_dir / str(toml)).absolute()
+    header, rows = _read_plain_csv(path, "calibrations file (data.camera_params_file)")
+    if "file" not in header[1:]:
+        raise ParallaxError(f"{path}: needs an image-path first column and a 'file' column "
+                            f"(header found: {header})")
+    col = header.index("file", 1)
+    lookup: dict[tuple[str, str], tuple[str, int]] = {}
+    for line, row in rows:
+        image, toml = row[0], row[col]
+        if not image or not toml:
+            raise ParallaxError(f"{path}: line {line}: needs an image path and a 'file' value")
+        parts = _posix(image).parts
+        folder = parts[-2] if len(parts) >= 2 else ""
+        for view in views:  # tolerate paths that keep the view folder
+            if folder.endswith(f"_{view}") and folder != f"_{view}":
+                folder = folder[: -len(view) - 1]
+                break
+        toml_path = (data_dir / toml).absolute()
         if not toml_path.is_file():
-            raise ParallaxError(f"{path}: line {line}: calibration '{toml}' not found")
-        lookup[(parts[-2] if len(parts) >= 2 else "", parts[-1])] = str(toml_path)
-    return np.array([lookup.get((s, f), "") for s, f in zip(sessions, frame_names, strict=True)],
-                    dtype=object)
+            raise ParallaxError(f"{path}: line {line}: calibration file '{toml}' not found "
+                                f"(looked for {toml_path})")
+        key = (folder, parts[-1])
+        if key in lookup and lookup[key][0] != str(toml_path):
+            raise ParallaxError(f"{path}: line {line}: '{image}' is listed again (line "
+                                f"{lookup[key][1]}) with a different calibration file")
+        lookup[key] = (str(toml_path), line)
+    keys = list(zip(sessions, frame_names, strict=True))
+    unused = len(set(lookup) - set(keys))
+    if unused:
+        log.warning("%s: %d of %d rows match no labelled frame (matched by session folder and "
+                    "image name)", path, unused, len(lookup))
+    return np.array([lookup.get(k, ("", 0))[0] for k in keys], dtype=object)
 
 
 def _bboxes(data_dir: Path, bbox_files: Sequence[str], tables: list[LabelTable]) -> np.ndarray:
@@ -223,27 +280,47 @@ def _bboxes(data_dir: Path, bbox_files: Sequence[str], tables: list[LabelTable])
     boxes = []
     for name, table in zip(bbox_files, tables, strict=True):
         path = data_dir / name
-        try:
-            frame = pd.read_csv(path, index_col=0)
-        except FileNotFoundError:
-            raise ParallaxError(f"{path}: bbox file (data.bbox_file) not found") from None
-        missing = [c for c in ("x", "y", "h", "w") if c not in frame.columns]
+        header, rows = _read_plain_csv(path, "bbox file (data.bbox_file)")
+        missing = [c for c in ("x", "y", "h", "w") if c not in header[1:]]
         if missing:
-            raise ParallaxError(f"{path}: bbox CSV lacks column(s) {missing} (header ,x,y,h,w)")
-        index = [str(i) for i in frame.index]
+            raise ParallaxError(f"{path}: bbox CSV lacks column(s) {missing} (expected header "
+                                f"',x,y,h,w', found {header})")
+        index = [row[0] for _, row in rows]
         if index != list(table.index):
             row = next((i for i, (a, b) in enumerate(zip(index, table.index, strict=False))
                         if a != b), min(len(index), len(table.index)))
+            ours = f"'{index[row]}' (line {rows[row][0]})" if row < len(index) else "nothing"
+            theirs = f"'{table.index[row]}'" if row < len(table.index) else "nothing"
             raise ParallaxError(
-                f"{path}: row {row + 1} does not match {table.path.name} (bbox rows must list "
-                f"the same images in the same order; {len(index)} vs {len(table.index)} rows)"
+                f"{path}: row {row + 1} is {ours} but {table.path.name} row {row + 1} is {theirs}"
+                f" ({len(index)} vs {len(table.index)} rows); bbox rows must list the same images"
+                " in the same order as the label CSV"
             )
-        values = frame[["x", "y", "h", "w"]].to_numpy(dtype=float)
-        if not np.isfinite(values).all() or (values[:, 2:] <= 0).any():
-            row = int(np.flatnonzero(~np.isfinite(values).all(1) | (values[:, 2:] <= 0).any(1))[0])
-            raise ParallaxError(f"{path}: row {row + 1}: bbox {values[row].tolist()} is invalid")
+        values = np.empty((len(rows), 4))
+        for i, (line, row) in enumerate(rows):
+            for j, column in enumerate(("x", "y", "h", "w")):
+                cell = row[header.index(column, 1)]
+                try:
+                    values[i, j] = float(cell)
+                except ValueError:
+                    values[i, j] = np.nan
+                if not np.isfinite(values[i, j]) or (j >= 2 and values[i, j] <= 0):
+                    raise ParallaxError(f"{path}: line {line}: {column} = '{cell}' is not a valid "
+                                        "bbox value (finite; h and w > 0)")
         boxes.append(values)
     return np.stack(boxes)
+
+
+def _check_images_exist(data_dir: Path, tables: list[LabelTable], image_paths: np.ndarray) -> None:
+    exists = np.array([[(data_dir / _posix(p)).is_file() for p in row] for row in image_paths],
+                      dtype=bool).reshape(image_paths.shape)
+    if not exists.all():
+        view, row = np.argwhere(~exists)[0]
+        raise ParallaxError(
+            f"{data_dir / image_paths[view, row]}: image not found ({tables[view].path.name} "
+            f"line {tables[view].line_of(row)}; {int((~exists).sum())} of {exists.size} labelled "
+            "images missing in total)"
+        )
 
 
 def load_labels(
@@ -257,31 +334,31 @@ def load_labels(
 ) -> MultiviewLabels:
     """Read and cross-check an LP multiview dataset (see the module docstring)."""
     data_dir = Path(data_dir)
-    views = tuple(view_names)
+    views = tuple(str(v) for v in view_names)
+    if not data_dir.is_dir():
+        raise ParallaxError(f"{data_dir}: dataset folder (data.data_dir) not found")
+    if not views:
+        raise ParallaxError("data.view_names is empty; list one view per label CSV")
     if len(csv_files) != len(views):
         raise ParallaxError(
             f"data.csv_file lists {len(csv_files)} files but data.view_names has {len(views)} "
-            "views; give one CSV per view, in view order"
+            f"views ({list(views)}); give one CSV per view, in view order"
         )
     if len(set(views)) != len(views):
-        raise ParallaxError(f"data.view_names has duplicates: {list(views)}")
+        dupes = sorted({v for v in views if views.count(v) > 1})
+        raise ParallaxError(f"data.view_names has duplicates {dupes}: {list(views)}")
     if bbox_files is not None and len(bbox_files) != len(views):
         raise ParallaxError(
-            f"data.bbox_file lists {len(bbox_files)} files but there are {len(views)} views"
+            f"data.bbox_file lists {len(bbox_files)} files but data.view_names has {len(views)} "
+            "views; give one bbox CSV per view, in view order"
         )
     tables = [read_label_csv(data_dir / name) for name in csv_files]
     _check_alignment(tables)
-    image_paths = np.array([list(t.index) for t in tables], dtype=object)
-    frame_names = np.array([PurePosixPath(p).name for p in tables[0].index], dtype=object)
+    image_paths = np.array([list(t.index) for t in tables], dtype=object).reshape(len(views), -1)
+    frame_names = np.array([_posix(p).name for p in tables[0].index], dtype=object)
     sessions = _sessions(tables, views)
     if check_images:
-        exists = np.vectorize(lambda p: (data_dir / p).is_file(), otypes=[bool])(image_paths)
-        if not exists.all():
-            view, row = np.argwhere(~exists)[0]
-            raise ParallaxError(
-                f"{data_dir / image_paths[view, row]}: image not found ({tables[view].path.name} "
-                f"row {row + 1}; {int((~exists).sum())} labelled images missing in total)"
-            )
+        _check_images_exist(data_dir, tables, image_paths)
     points = np.stack([t.points for t in tables])
     visible = None
     if any(t.visible is not None for t in tables):
@@ -292,20 +369,24 @@ def load_labels(
     if bbox_files:
         bboxes = _bboxes(data_dir, bbox_files, tables)
         scale = np.ones((len(views), len(frame_names), 2))
-        if check_images:
-            sizes = np.array([[image_size(data_dir / p) for p in row] for row in image_paths],
-                             dtype=float)  # crop images may have been resized
+        if check_images:  # crop images may have been resized: scale = bbox size / image size
+            sizes = np.array([[image_size(data_dir / _posix(p)) for p in row]
+                              for row in image_paths], dtype=float).reshape(scale.shape)
             scale = np.stack([bboxes[..., 3], bboxes[..., 2]], axis=-1) / sizes
         points = bboxes[:, :, None, :2] + points * scale[:, :, None, :]
-    calibration = np.array([str(find_calibration(data_dir, s) or "") for s in sessions],
-                           dtype=object)
+    by_session = {s: str(find_calibration(data_dir, s) or "") for s in dict.fromkeys(sessions)}
+    calibration = np.array([by_session[s] for s in sessions], dtype=object)
     if camera_params_file:
-        listed = _params_file_calibrations(data_dir, camera_params_file, sessions, frame_names)
-        calibration = np.where(listed != "", listed, calibration)
+        listed = _params_file_calibrations(data_dir, camera_params_file, views, sessions,
+                                           frame_names)
+        calibration = np.where(listed != "", listed, calibration).astype(object)
     counts = np.isfinite(points).all(-1).sum(axis=(1, 2))
-    log.info("%s: %d frames, %d keypoints; labelled points per view: %s", data_dir,
-             len(frame_names), len(tables[0].keypoint_names),
-             dict(zip(views, counts.tolist(), strict=True)))
+    log.info("%s: %d frames, %d sessions, %d keypoints; labelled points per view: %s", data_dir,
+             len(frame_names), len(set(sessions)), len(tables[0].keypoint_names),
+             ", ".join(f"{v} {c}" for v, c in zip(views, counts.tolist(), strict=True)))
+    if not (calibration != "").all():
+        log.info("%s: %d of %d frames have no calibration file", data_dir,
+                 int((calibration == "").sum()), len(calibration))
     return MultiviewLabels(
         data_dir=data_dir,
         view_names=views,

@@ -224,3 +224,26 @@ def test_splits_table(built, example_dir):
     assert (sets == "train").sum() == 12  # train_prob 0.6 of 20 frames
     with pytest.raises(ParallaxError, match="rerun cache_augmentations"):
         read_splits(built["splits"], frame_keys(labels)[::-1])
+
+
+def test_real_mouse_cache(mouse_dir, tmp_path):
+    """The real 4-camera recording (1280x1024) caches; labels stay on the reprojected 3D."""
+    views = ["back", "mid", "side", "top"]
+    args = ["--data-dir", str(mouse_dir), "--view-names", *views,
+            "--csv-files", *[f"CollectedData_{v}.csv" for v in views]]
+    assert triangulate_labels.main([*args, "--points", str(tmp_path / "l.csv"), "--outliers",
+                                    str(tmp_path / "o.csv"), "--summary",
+                                    str(tmp_path / "s.json")]) == 0
+    config = {**CONFIG, "augmentation": {**CONFIG["augmentation"], "copies_per_frame": 1},
+              "training.train_prob": 0.5, "training.val_prob": 0.1}
+    paths = {key: tmp_path / f"{key}.out" for key in OUTPUTS}
+    argv = [*args, "--labels-3d", str(tmp_path / "l.csv"), "--config-json", json.dumps(config)]
+    for key in OUTPUTS:
+        argv += [f"--{key}", str(paths[key])]
+    assert cache_augmentations.main(argv) == 0
+    cache = read(paths["train"])
+    assert cache["images"].shape[1:] == (4, 128, 128, 3)
+    assert (cache["copy"] == 1).sum() == 40 and (cache["copy"] == 0).sum() == 40
+    assert cache["source_paths"][0, 2].decode().startswith("labeled-data/session0_side/")
+    rows = cache["copy"] == 1
+    assert np.median(cache["fit_residual_px"][rows]) < 1.0  # model px at 128 px
