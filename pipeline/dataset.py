@@ -37,6 +37,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pandas as pd
 
 from pipeline.errors import ParallaxError
 from pipeline.labels_io import LabelTable, read_label_csv, write_label_csv
@@ -48,6 +49,7 @@ __all__ = [
     "frame_keys",
     "image_size",
     "load_labels",
+    "read_frame_table",
     "read_label_csv",
     "relative_path",
     "session_of",
@@ -132,6 +134,19 @@ def frame_keys(labels: MultiviewLabels) -> list[str]:
         f"labeled-data/{session}/{name}"
         for session, name in zip(labels.sessions, labels.frame_names, strict=True)
     ]
+
+
+def read_frame_table(path: str | Path, keys: Sequence[str], stage: str) -> pd.DataFrame:
+    """A per-frame CSV written by `stage` (its `image` column = `frame_keys`), checked to list
+    exactly the dataset's labelled frames in order."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise ParallaxError(f"{path}: cannot read: {err}") from None
+    if list(table.get("image", [])) != list(keys):
+        raise ParallaxError(f"{path}: its frames differ from the dataset's labelled frames; "
+                            f"rerun {stage}")
+    return table
 
 
 def relative_path(path: str | Path, data_dir: Path) -> str:

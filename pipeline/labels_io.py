@@ -7,9 +7,9 @@ Reading (:func:`read_label_csv`) accepts
   - empty cells as missing (NaN);
   - trailing plain columns (e.g. LP's `set`), whose header cells are `(name, "", "")` as pandas
     writes them, `(name, name, name)`, or pandas' `Unnamed: ...` placeholders; read as strings.
-Everything else is an error naming the file, the line and the column; nothing is dropped silently.
-Writing (:func:`write_label_csv`) produces the same layout, atomically, with `repr` floats so that a
-round trip is exact.
+Everything else is an error naming the file, the line and the column; nothing is dropped
+silently. Writing (:func:`write_label_csv`) produces the same layout, atomically, with `repr`
+floats so that a round trip is exact.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class LabelTable:
 
     index: the row keys (image paths, split indices joined with '/')
     points: (rows, keypoints, 2) float64, NaN where missing
-    visible: (rows, keypoints) float64 (0/1/2, NaN where missing) or None without a `visible` coord
-    likelihood: (rows, keypoints) float64 or None without a `likelihood` coord (not used for labels)
+    visible: (rows, keypoints) float64 (0/1/2, NaN where missing), None without a `visible` coord
+    likelihood: (rows, keypoints) float64, None without a `likelihood` coord (unused for labels)
     extra_columns: trailing plain columns by name, one string per row ("" for an empty cell)
     lines: the 1-based CSV line number of each row (for error messages)
     """
@@ -83,15 +83,15 @@ def _blank(cell: str) -> bool:
 def _check_header(path: Path, rows: list[tuple[int, list[str]]]) -> None:
     if len(rows) >= 2 and rows[1][1] and rows[1][1][0].strip().lower() == "individuals":
         raise ParallaxError(
-            f"{path}: multi-animal DLC CSV (4 header rows: scorer, individuals, bodyparts, coords) "
-            "is not supported yet; export one animal per CSV (3 header rows)"
+            f"{path}: multi-animal DLC CSV (4 header rows: scorer, individuals, bodyparts, "
+            "coords) is not supported yet; export one animal per CSV (3 header rows)"
         )
     firsts = [row[0].strip() if row else "" for _, row in rows[:3]]
     if firsts != list(HEADER_ROWS):
         found = ", ".join(repr(f) for f in firsts) if firsts else "an empty file"
         raise ParallaxError(
-            f"{path}: expected 3 header rows whose first cells are 'scorer', 'bodyparts', 'coords' "
-            f"(DLC single-animal layout), found {found}"
+            f"{path}: expected 3 header rows whose first cells are 'scorer', 'bodyparts', "
+            f"'coords' (DLC single-animal layout), found {found}"
         )
     widths = {len(row) for _, row in rows[:3]}
     if len(widths) != 1:
@@ -173,13 +173,14 @@ def read_label_csv(path: str | Path) -> LabelTable:
     seen: dict[str, int] = {}
     for i, (line, row) in enumerate(data):
         if len(row) != width:
-            raise ParallaxError(f"{path}: line {line} has {len(row)} cells, the header has {width}")
+            raise ParallaxError(f"{path}: line {line} has {len(row)} cells, the header has "
+                                f"{width}")
         key = "/".join(cell.strip() for cell in row[:n_index] if cell.strip())
         if not key:
             raise ParallaxError(f"{path}: line {line} has an empty image path (first column)")
         if key in seen:
-            raise ParallaxError(f"{path}: image '{key}' appears twice (lines {seen[key]} and {line});"
-                                " row keys must be unique")
+            raise ParallaxError(f"{path}: image '{key}' appears twice (lines {seen[key]} and "
+                                f"{line}); row keys must be unique")
         seen[key] = line
         index.append(key)
         for col in numeric:
