@@ -6,9 +6,15 @@
   calibrations/<session>.toml           anipose calibration, cameras nudged per session
   videos/<session>_<view>.mp4           optional, `video_frames` frames per session
   ground_truth.npz                      the generator's truth (not an LP file; for tests)
-An articulated animal walks in an arena watched by 2-8 distorting cameras; two pillars occlude
-it in some views (labels missing there). Each keypoint is drawn as a small Gaussian marker in
-its own colour centred exactly on its projection, so image warps can be checked on pixels.
+An articulated rodent walks in a round arena (300 mm across) watched by 2-8 distorting cameras
+(views cam0, cam1, ...); two pillars occlude it in some views. A keypoint behind a pillar or
+outside the image is neither drawn nor labelled (empty CSV cells) in that view. Every other
+keypoint is drawn as a Gaussian dot in its own colour on a small black disc, centred exactly on
+its projection (see `pipeline.example_render`), so image warps can be checked on pixels.
+Geometry and motion: `pipeline.example_scene`; rendering: `pipeline.example_render`.
+
+CLI: python -m pipeline.example --out DIR [--seed 0 --sessions 2 --frames 60 --views 4
+     --width 320 --height 256 --noise 0.0 --video-frames 0]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,93 +34,27 @@ import numpy as np
 
 from pipeline.cli import setup_logging
 from pipeline.errors import ParallaxError, run_main
-from pipeline.example_scene import BONES, KEYPOINTS, PILLARS, make_cameras, make_session
+from pipeline.example_render import KEYPOINT_COLOURS as KEYPOINT_COLOURS
+from pipeline.example_render import MARKER_RADIUS as MARKER_RADIUS
+from pipeline.example_render import MARKER_SIGMA as MARKER_SIGMA
+from pipeline.example_render import camera_scenes, render, self_occluded
+from pipeline.example_scene import KEYPOINTS, make_cameras, make_session
 from pipeline.example_scene import view_names_for as view_names_for
 from pipeline.labels_io import write_label_csv
 
 log = logging.getLogger("parallax.example")
 
-MARKER_SIGMA = 1.2
-_MARKER_RADIUS = 5
-KEYPOINT_COLOURS = np.array([  # BGR, saturated and distinct
-    cv2.cvtColor(np.uint8([[[int(180 * i / len(KEYPOINTS)), 255, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]
-    for i in range(len(KEYPOINTS))
-], dtype=float)
-
 
 @dataclass(frozen=True)
 class ExampleSummary:
+    """What `generate_example` wrote (counts over all sessions' labelled frames)."""
+
     frames: int
     views: tuple[str, ...]
     keypoints: tuple[str, ...]
-    missing_fraction: float
-    single_view_points: int
-
-
-def background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """A smooth noise texture with a faint grid (uint8 BGR, height x width x 3)."""
-    width, height = size
-    coarse = rng.uniform(60, 140, (height // 16 + 2, width // 16 + 2)).astype(np.float32)
-    gray = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    image = gray[..., None] * np.array([0.75, 0.9, 1.0], np.float32)  # a sandy floor (BGR)
-    image += rng.normal(0, 5, image.shape).astype(np.float32)
-    image[::24] *= 0.85
-    image[:, ::24] *= 0.85
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def _draw_pillars(image: np.ndarray, cam, colour: float) -> None:
-    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-    for x, y, radius, height in PILLARS:
-        ring = np.stack([x + radius * np.cos(angles), y + radius * np.sin(angles)], -1)
-        solid = np.concatenate([np.c_[ring, np.zeros(24)], np.c_[ring, np.full(24, height)]])
-        hull = cv2.convexHull(cam.project(solid).astype(np.float32)).astype(np.int32)
-        cv2.fillConvexPoly(image, hull, (colour, colour * 0.95, colour * 0.9), cv2.LINE_AA)
-
-
-def _pillar_depth(cam) -> float:
-    return float(np.min((cam.R @ np.c_[PILLARS[:, :2], PILLARS[:, 3] / 2].T).T[:, 2]
-                        + cam.tvec[2]))
-
-
-def draw_markers(image: np.ndarray, points: np.ndarray, show: np.ndarray) -> np.ndarray:
-    """Alpha-blend a Gaussian dot per shown keypoint at its sub-pixel position (float image)."""
-    out = image.astype(np.float32)
-    offsets = np.arange(-_MARKER_RADIUS, _MARKER_RADIUS + 1)
-    for k in np.flatnonzero(show):
-        cx, cy = np.round(points[k]).astype(int)
-        xs, ys = cx + offsets, cy + offsets
-        alpha = np.exp(-((ys[:, None] - points[k, 1]) ** 2 + (xs[None] - points[k, 0]) ** 2)
-                       / (2 * MARKER_SIGMA**2))
-        keep_y = (ys >= 0) & (ys < image.shape[0])
-        keep_x = (xs >= 0) & (xs < image.shape[1])
-        alpha = alpha[keep_y][:, keep_x, None]
-        rows, cols = ys[keep_y][:, None], xs[keep_x][None]
-        out[rows, cols] = out[rows, cols] * (1 - alpha) + KEYPOINT_COLOURS[k] * alpha
-    return out
-
-
-def render(base: np.ndarray, cam, points_3d: np.ndarray, points_2d: np.ndarray,
-           show: np.ndarray) -> np.ndarray:
-    """One camera image: background, pillars and body by depth, then keypoint markers."""
-    image = base.copy()
-    idx = {name: i for i, name in enumerate(KEYPOINTS)}
-    depth = (cam.R @ points_3d.T).T[:, 2] + cam.tvec[2]
-    focal = cam.matrix[0, 0]
-    pillars_in_front = _pillar_depth(cam) < np.median(depth)
-    if not pillars_in_front:
-        _draw_pillars(image, cam, 200.0)
-    order = sorted(BONES, key=lambda bone: -(depth[idx[bone[0]]] + depth[idx[bone[1]]]))
-    near, far = depth.min(), depth.max() + 1e-6
-    for a, b, thickness in order:
-        shade = 150 + 80 * (far - (depth[idx[a]] + depth[idx[b]]) / 2) / (far - near)
-        width = max(1, int(round(thickness * focal / depth[idx[a]])))
-        p, q = (np.round(points_2d[[idx[a], idx[b]]] * 16).astype(int))
-        cv2.line(image, tuple(p), tuple(q), (shade * 0.75, shade * 0.8, shade), width,
-                 cv2.LINE_AA, shift=4)
-    if pillars_in_front:
-        _draw_pillars(image, cam, 200.0)
-    return np.clip(np.rint(draw_markers(image, points_2d, show)), 0, 255).astype(np.uint8)
+    missing_fraction: float  # of (view, frame, keypoint) labels: occluded or outside the image
+    occluded_fraction: float  # of labels: hidden by a pillar or the animal's body
+    single_view_points: int  # (frame, keypoint) pairs labelled in exactly one view
 
 
 def generate_example(
@@ -127,24 +68,33 @@ def generate_example(
     label_noise_px: float = 0.0,
     video_frames: int = 0,
 ) -> ExampleSummary:
-    """Write the synthetic dataset into `out_dir` (replaced atomically); see the module doc."""
+    """Write the synthetic dataset into `out_dir` (replaced atomically); see the module doc.
+
+    image_size is (width, height); label_noise_px is the std of Gaussian noise added to the CSV
+    labels only (never to ground_truth.npz or to the drawn markers).
+    """
     if not 2 <= n_views <= 8:
         raise ParallaxError(f"example views must be between 2 and 8 (3 or more recommended), "
                             f"got {n_views}")
     if n_sessions < 1 or frames_per_session < 1:
-        raise ParallaxError("example needs at least 1 session and 1 frame per session")
+        raise ParallaxError(f"example needs at least 1 session and 1 frame per session, got "
+                            f"{n_sessions} sessions of {frames_per_session} frames")
     if min(image_size) < 32:
         raise ParallaxError(f"example image size {image_size} is too small (min 32 px)")
+    if not label_noise_px >= 0 or video_frames < 0:
+        raise ParallaxError(f"example label noise ({label_noise_px}) and video frames "
+                            f"({video_frames}) must be >= 0")
     out_dir = Path(out_dir)
     views = view_names_for(n_views)
     root = np.random.SeedSequence(seed)
     rng_cams, *rng_sessions = (np.random.default_rng(s) for s in root.spawn(1 + n_sessions))
-    base = make_cameras(rng_cams, n_views, image_size)
+    base = make_cameras(rng_cams, n_views, tuple(image_size))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        truth = _write_dataset(tmp, views, base, rng_sessions, frames_per_session, label_noise_px,
-                               video_frames)
+        truth = _write_dataset(tmp, views, base, rng_sessions, frames_per_session,
+                               float(label_noise_px), video_frames)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
             out_dir.rename(old)
@@ -154,19 +104,24 @@ def generate_example(
             tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    labelled = truth["visible"]
-    counts = labelled.sum(axis=0)
-    summary = ExampleSummary(frames=labelled.shape[1], views=views, keypoints=KEYPOINTS,
-                             missing_fraction=float(1 - labelled.mean()),
+    visible, counts = truth["visible"], truth["visible"].sum(axis=0)
+    size = np.array(image_size) - 1
+    inside = ((truth["points_2d"] >= 0) & (truth["points_2d"] <= size)).all(-1)
+    summary = ExampleSummary(frames=visible.shape[1], views=views, keypoints=KEYPOINTS,
+                             missing_fraction=float(1 - visible.mean()),
+                             occluded_fraction=float((inside & ~visible).mean()),
                              single_view_points=int((counts == 1).sum()))
-    log.info("example: %d frames x %d views x %d keypoints, %.1f%% of labels missing, %d "
-             "keypoints labelled in a single view -> %s", summary.frames, n_views,
-             len(KEYPOINTS), 100 * summary.missing_fraction, summary.single_view_points, out_dir)
+    log.info("example: %d frames x %d views x %d keypoints; %.1f%% of labels missing (%.1f%% "
+             "hidden by a pillar or the body, the rest outside the image); %d frame keypoints "
+             "seen by one view only, %d by none -> %s", summary.frames, n_views, len(KEYPOINTS),
+             100 * summary.missing_fraction, 100 * summary.occluded_fraction,
+             summary.single_view_points, int((counts == 0).sum()), out_dir)
     return summary
 
 
 def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int, noise: float,
                    video_frames: int) -> dict[str, np.ndarray]:
+    """Render every session into `out`; returns the ground truth written to ground_truth.npz."""
     total = max(n_frames, video_frames)
     index: list[list[str]] = [[] for _ in views]
     parts: dict[str, list[np.ndarray]] = {"points_3d": [], "points_2d": [], "visible": [],
@@ -176,30 +131,38 @@ def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int,
         session = f"session{s}"
         scene = make_session(rng, base, total)
         scene.cameras.dump(out / "calibrations" / f"{session}.toml")
-        # a labeller sometimes skips a keypoint: 2% of visible points stay unlabelled
-        labelled = scene.visible & (rng.random(scene.visible.shape) > 0.02)
-        labels = scene.points_2d + rng.normal(0, noise, scene.points_2d.shape) * (noise > 0)
-        backgrounds = [background(rng, cam.size) for cam in scene.cameras.cameras]
-        writers = [_video_writer(out / "videos" / f"{session}_{view}.mp4", base.cameras[0].size)
-                   for view in views] if video_frames else []
+        statics = camera_scenes(rng, scene.cameras.cameras)
+        centers = np.stack([cam.center for cam in scene.cameras.cameras])
+        shown = scene.visible & ~self_occluded(centers, scene.points_3d)
+        labels = scene.points_2d[:, :n_frames]
+        if noise > 0:
+            labels = labels + rng.normal(0, noise, labels.shape)
+        videos = [out / "videos" / f"{session}_{view}.mp4" for view in views]
+        writers = [_video_writer(path, base.cameras[0].size) for path in videos
+                   ] if video_frames else []
+        for view in views:
+            (out / "labeled-data" / f"{session}_{view}").mkdir(parents=True, exist_ok=True)
         for f in range(total):
-            for v, (view, cam) in enumerate(zip(views, scene.cameras.cameras, strict=True)):
-                image = render(backgrounds[v], cam, scene.points_3d[f], scene.points_2d[v, f],
-                               scene.visible[v, f])
+            for v, view in enumerate(views):
+                image = render(statics[v], scene.points_3d[f], scene.points_2d[v, f],
+                               shown[v, f])
                 if f < n_frames:
                     rel = f"labeled-data/{session}_{view}/img{f:08d}.png"
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(out / rel), image)
+                    if not cv2.imwrite(str(out / rel), image):
+                        raise ParallaxError(f"{out / rel}: cannot write the image")
                     index[v].append(rel)
                 if f < video_frames:
                     writers[v].write(image)
         for writer in writers:
             writer.release()
+        for path in videos if video_frames else []:
+            _check_video(path, video_frames)
+        visible = shown[:, :n_frames]
         sessions += [session] * n_frames
         parts["points_3d"].append(scene.points_3d[:n_frames])
         parts["points_2d"].append(scene.points_2d[:, :n_frames])
-        parts["visible"].append(labelled[:, :n_frames])
-        parts["labels"].append(np.where(labelled[..., None], labels, np.nan)[:, :n_frames])
+        parts["visible"].append(visible)
+        parts["labels"].append(np.where(visible[..., None], labels, np.nan))
     labels = np.concatenate(parts["labels"], axis=1)
     for v, view in enumerate(views):
         write_label_csv(out / f"CollectedData_{view}.csv", index[v], KEYPOINTS, labels[v],
@@ -211,17 +174,40 @@ def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int,
         "sessions": np.array(sessions), "keypoint_names": np.array(KEYPOINTS),
         "view_names": np.array(views),
     }
-    with open(out / "ground_truth.npz", "wb") as handle:
-        np.savez(handle, **truth)
+    _save_npz(out / "ground_truth.npz", truth)
     return truth
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with fixed zip timestamps, so equal arrays give equal bytes on any numpy."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _video_writer(path: Path, size: tuple[int, int]) -> cv2.VideoWriter:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, size)
     if not writer.isOpened():
-        raise ParallaxError(f"{path}: OpenCV cannot write mp4 (mp4v) videos on this machine")
+        raise ParallaxError(f"{path}: OpenCV cannot write mp4 (mp4v) videos on this machine; "
+                            "generate the example with --video-frames 0")
     return writer
+
+
+def _check_video(path: Path, expected: int) -> None:
+    """Read the video back: OpenCV must decode exactly `expected` frames."""
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    try:
+        while capture.grab():
+            count += 1
+    finally:
+        capture.release()
+    if count != expected:
+        raise ParallaxError(f"{path}: wrote {expected} frames but OpenCV reads back {count}; "
+                            "mp4 (mp4v) video is not usable on this machine")
 
 
 def build_parser() -> argparse.ArgumentParser:
