@@ -1,13 +1,27 @@
 """Build cache samples: per frame and copy, move the pose in 3D, warp and resize every view.
 
 See `augment3d` for the math and `cache` for the file layout. Copy 0 of a frame is the original
-(resize only). Training frames get `copies_per_frame` augmented copies when 3D augmentation is on
-and the frame has a calibration and >= 2 triangulated keypoints; other frames are stored
-un-augmented and counted.
+(resize only; labels = the clicks, `keypoints_3d` = the triangulation). In `train.h5` each frame
+gets `copies_per_frame` augmented copies when `imgaug_3d` is on and the frame has a calibration
+and >= 2 triangulated keypoints; otherwise (and for a copy whose warp cannot be fitted in some
+view) only the original is stored, counted per reason in the log. `eval.h5` holds originals.
+
+Labels of an augmented copy, per view, only where the keypoint was labelled in that view:
+the projection of the moved 3D point (NaN if it lands behind the camera); a keypoint labelled
+but not triangulated (too few views) has no 3D, so its click is mapped through the view's warp.
+Then frame -> model pixels; a label outside the model image becomes missing (visible = 0).
+
+Images: each view goes from the image file to the model image in ONE cv2.warpAffine with the
+composed affine resize ∘ warp ∘ (crop -> frame, for bbox datasets) (bilinear, border filled with
+the image's mean colour).
+When that shrinks the image, a Gaussian pre-blur with σ = sqrt(f² − 1)/2 source pixels along
+each frame axis (f = shrink factor along it) removes aliasing; the kernel is symmetric, so it
+moves no feature's centre.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +33,27 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import augment3d as aug
-from pipeline.cache import FORMAT_VERSION, CacheWriter, camera_tables, write_tables
+from pipeline.cache import (
+    FORMAT_VERSION,
+    LIBVER,
+    PER_SAMPLE,
+    camera_tables,
+    create_images,
+    write_metadata,
+)
 from pipeline.cameras import CameraGroup
 from pipeline.dataset import MultiviewLabels, frame_keys, relative_path
 from pipeline.errors import ParallaxError
 from pipeline.io_utils import atomic_path
 
 log = logging.getLogger(__name__)
+
+NOT_AUGMENTED = {  # reason keys -> log wording
+    "off": "3D augmentation off",
+    "no_calibration": "no calibration",
+    "few_3d": "fewer than 2 triangulated keypoints",
+    "unfittable": "copy dropped: a view's warp could not be fitted",
+}
 
 
 @dataclass(frozen=True)
@@ -34,16 +62,32 @@ class CacheSpec:
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
     imgaug_3d: bool = True
     seed: int = 0
+    image_compression: str = "gzip"  # gzip | none (see `cache`)
 
 
 @dataclass
 class BuildStats:
     samples: int = 0
     not_augmented: dict[str, int] = field(default_factory=dict)
-    residuals: list[np.ndarray] = field(default_factory=list)
+    residuals: list[np.ndarray] = field(default_factory=list)  # per augmented sample, (V,)
 
     def skip(self, reason: str) -> None:
         self.not_augmented[reason] = self.not_augmented.get(reason, 0) + 1
+
+    def residual_summary(self) -> tuple[float, float, float]:
+        """(median, p95, max) of the per-view fit residuals in model px (NaN if none)."""
+        if not self.residuals:
+            return (float("nan"),) * 3
+        values = np.concatenate(self.residuals)
+        return (float(np.median(values)), float(np.percentile(values, 95)),
+                float(np.max(values)))
+
+
+@dataclass(frozen=True)
+class Planned:
+    frame: int
+    copy: int
+    augmentation: aug.FrameAugmentation | None  # None for copy 0
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -53,85 +97,113 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def warp_image(image: np.ndarray, frame_to_model: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One interpolation from the frame to the model image; a symmetric Gaussian pre-blur
-    against aliasing when shrinking (it moves no feature's centre)."""
-    sx, sy = np.linalg.norm(frame_to_model[:, :2], axis=0)
-    sigma_x, sigma_y = max(0.0, (1 / sx - 1) / 2), max(0.0, (1 / sy - 1) / 2)
-    if sigma_x > 0.1 or sigma_y > 0.1:
+def antialias_sigma(frame_to_model: np.ndarray) -> tuple[float, float]:
+    """Pre-blur σ (source px) along the frame's x and y axes for a (2, 3) affine."""
+    gains = np.linalg.norm(frame_to_model[:, :2], axis=0)  # model px per frame px, per axis
+    shrink = 1.0 / np.maximum(gains, 1e-9)
+    return tuple(float(np.sqrt(max(f * f - 1.0, 0.0)) / 2) for f in shrink)
+
+
+def warp_image(image: np.ndarray, to_model: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W, 3) model image: pre-blur if shrinking, then one bilinear warpAffine."""
+    sigma_x, sigma_y = antialias_sigma(to_model)
+    if max(sigma_x, sigma_y) > 0.1:
         image = cv2.GaussianBlur(image, (0, 0), sigmaX=max(sigma_x, 1e-3),
-                                 sigmaY=max(sigma_y, 1e-3))
-    fill = tuple(float(c) for c in image.reshape(-1, 3).mean(axis=0))
-    return cv2.warpAffine(image, frame_to_model, (size[1], size[0]), flags=cv2.INTER_LINEAR,
+                                 sigmaY=max(sigma_y, 1e-3), borderType=cv2.BORDER_REFLECT_101)
+    fill = tuple(float(c) for c in cv2.mean(image)[:3])
+    return cv2.warpAffine(image, to_model, (size[1], size[0]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
-def plan(labels: MultiviewLabels, points_3d: np.ndarray, frames: np.ndarray, spec: CacheSpec,
-         augment: bool, stats: BuildStats) -> list[tuple[int, int]]:
-    """(frame, copy) pairs to build, copy 0 = original."""
-    pairs = []
-    for frame in frames:
-        pairs.append((int(frame), 0))
+def plan(labels: MultiviewLabels, points_3d: np.ndarray, frames: np.ndarray,
+         groups: dict[str, CameraGroup], spec: CacheSpec, augment: bool,
+         stats: BuildStats) -> list[Planned]:
+    """The samples to build, in frame order: each frame's original, then its copies."""
+    samples = []
+    for frame in map(int, frames):
+        samples.append(Planned(frame, 0, None))
         if not augment:
             continue
+        calibration = labels.calibration_files[frame]
         if not spec.imgaug_3d or spec.augment.copies_per_frame == 0:
-            stats.skip("3D augmentation off")
-        elif labels.calibration_files[frame] == "":
-            stats.skip("no calibration")
-        elif np.isfinite(points_3d[frame]).all(-1).sum() < 2:
-            stats.skip("fewer than 2 triangulated keypoints")
-        else:
-            pairs += [(int(frame), c) for c in range(1, spec.augment.copies_per_frame + 1)]
-    return pairs
+            stats.skip("off")
+            continue
+        if calibration == "":
+            stats.skip("no_calibration")
+            continue
+        if np.isfinite(points_3d[frame]).all(-1).sum() < 2:
+            stats.skip("few_3d")
+            continue
+        for copy in range(1, spec.augment.copies_per_frame + 1):
+            params = aug.sample_params(spec.seed, frame, copy, spec.augment)
+            moved = aug.augment_frame(points_3d[frame], groups[calibration], params,
+                                      spec.augment)
+            if moved.fittable:
+                samples.append(Planned(frame, copy, moved))
+            else:
+                stats.skip("unfittable")
+    return samples
 
 
-def build_sample(labels: MultiviewLabels, points_3d: np.ndarray, frame: int, copy: int,
-                 images: list[np.ndarray], group: CameraGroup | None, spec: CacheSpec
-                 ) -> dict[str, Any]:
-    """One sample (see `cache` for the fields); images: the frame's original view images."""
-    n_views, n_kp = labels.n_views, labels.n_keypoints
+def model_boxes(labels: MultiviewLabels, frame: int, images: list[np.ndarray]) -> np.ndarray:
+    """(V, 4) x, y, h, w: the part of each frame the model sees (bbox, else the whole image)."""
     if labels.bboxes is not None:
-        boxes = labels.bboxes[:, frame]
-    else:
-        boxes = np.array([[0, 0, im.shape[0], im.shape[1]] for im in images], float)
-    resize = aug.model_from_frame(boxes, spec.image_size)  # (V, 2, 3)
+        return labels.bboxes[:, frame]
+    return np.array([[0, 0, im.shape[0], im.shape[1]] for im in images], float)
+
+
+def frame_from_image(labels: MultiviewLabels, frame: int, images: list[np.ndarray]) -> np.ndarray:
+    """(V, 2, 3) image file pixels -> camera frame pixels: identity, or for a bbox dataset (whose
+    images are crops, possibly resized) the same map `dataset.load_labels` applies to the labels:
+    frame = (x, y) + crop · (w / crop width, h / crop height)."""
+    if labels.bboxes is None:
+        return aug.identity(labels.n_views)
+    x, y, h, w = labels.bboxes[:, frame].T
+    sx = w / np.array([im.shape[1] for im in images], float)
+    sy = h / np.array([im.shape[0] for im in images], float)
+    zero = np.zeros_like(sx)
+    return np.stack([np.stack([sx, zero, x], -1), np.stack([zero, sy, y], -1)], axis=-2)
+
+
+def build_sample(labels: MultiviewLabels, points_3d: np.ndarray, item: Planned,
+                 images: list[np.ndarray], spec: CacheSpec) -> dict[str, Any]:
+    """One sample's per-sample fields (see `cache`); images: the frame's original views."""
+    frame = item.frame
+    resize = aug.model_from_frame(model_boxes(labels, frame, images), spec.image_size)
     clicks = labels.points_2d[:, frame]  # (V, K, 2) frame px
+    labelled = np.isfinite(clicks).all(-1)
     pose = points_3d[frame]
-    warp = np.broadcast_to(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (n_views, 2, 3)).copy()
-    residual = np.zeros(n_views, np.float32)
-    params = aug.AugmentParams(scale=1.0, shift=np.zeros(3), rotation_deg=0.0)
+    warp = aug.identity(labels.n_views)
+    residual = np.zeros(labels.n_views, np.float32)
+    params = aug.IDENTITY_PARAMS
     targets = clicks
-    if copy > 0:
-        params = aug.sample_params(spec.seed, frame, copy, spec.augment)
-        moved = aug.augment_points(pose, params, spec.augment)
+    moved = item.augmentation
+    if moved is not None:
+        warp, params = moved.warp, moved.params
         has_3d = np.isfinite(pose).all(-1)
-        before, after = group.project(pose), group.project(moved)  # (V, K, 2)
-        fit_ok = np.broadcast_to(has_3d, (n_views, n_kp)) & np.isfinite(before).all(-1) & \
-            np.isfinite(after).all(-1)
-        warp = aug.fit_similarity(before, after, fit_ok)
-        mapped = aug.apply_affine(warp, before)
-        miss = np.where(fit_ok[..., None], aug.apply_affine(resize, mapped)
-                        - aug.apply_affine(resize, after), 0.0)
-        residual = np.linalg.norm(miss, axis=-1).max(axis=1).astype(np.float32)
-        # labels: projections of the moved pose where it exists, else the warped click
-        targets = np.where(has_3d[None, :, None], after, aug.apply_affine(warp, clicks))
-        targets = np.where(np.isfinite(clicks), targets, np.nan)
-        pose = moved
-    frame_to_model = aug.compose(resize, warp)
+        gap = aug.apply_affine(resize, aug.apply_affine(warp, moved.before)) - \
+            aug.apply_affine(resize, moved.after)
+        gap = np.where(moved.fit_points[..., None], gap, 0.0)
+        residual = np.linalg.norm(gap, axis=-1).max(axis=1).astype(np.float32)
+        targets = np.where(has_3d[None, :, None], moved.after, aug.apply_affine(warp, clicks))
+        pose = moved.moved
+    targets = np.where(labelled[..., None], targets, np.nan)
     keypoints = aug.apply_affine(resize, targets)
     keypoints[~aug.inside(keypoints, spec.image_size)] = np.nan
     if labels.visible is not None:
         visible = np.nan_to_num(labels.visible[:, frame], nan=0.0)
     else:
-        visible = np.isfinite(clicks).all(-1) * 2.0
+        visible = labelled * 2.0
     visible = np.where(np.isfinite(keypoints).all(-1), visible, 0).astype(np.int8)
+    from_image = frame_from_image(labels, frame, images)
+    image_to_model = aug.compose(aug.compose(resize, warp), from_image)
     return {
         "images": np.stack([warp_image(im, m, spec.image_size)
-                            for im, m in zip(images, frame_to_model, strict=True)]),
+                            for im, m in zip(images, image_to_model, strict=True)]),
         "keypoints_2d": keypoints, "visible": visible, "keypoints_3d": pose,
         "frame_from_model": aug.invert(resize), "warp": warp, "fit_residual_px": residual,
-        "frame_index": frame, "copy": copy, "scale": params.scale, "shift": params.shift,
-        "rotation_deg": params.rotation_deg,
+        "frame_index": frame, "copy": item.copy, "scale": params.scale,
+        "shift": params.shift, "rotation_deg": params.rotation_deg,
     }
 
 
@@ -140,32 +212,55 @@ def build_cache(path: Path, labels: MultiviewLabels, points_3d: np.ndarray, sets
                 kind: str, config_hash: str, input_hash: str) -> BuildStats:
     """Write the cache of `frames` (augmented when kind == "train") to `path`, atomically."""
     stats = BuildStats()
-    pairs = plan(labels, points_3d, frames, spec, kind == "train", stats)
+    planned = plan(labels, points_3d, frames, groups, spec, kind == "train", stats)
     calib_index = {name: i for i, name in enumerate(groups)}
     keys = np.asarray(frame_keys(labels), dtype=object)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        for name, value in (("format_version", FORMAT_VERSION), ("kind", kind),
-                            ("config_hash", config_hash), ("input_hash", input_hash),
-                            ("view_names", list(labels.view_names)),
-                            ("keypoint_names", list(labels.keypoint_names)),
-                            ("image_size", list(spec.image_size))):
-            h5.attrs[name] = value
-        writer = CacheWriter(h5, len(pairs), labels.n_views, labels.n_keypoints, spec.image_size)
-        write_tables(h5, camera_tables(groups),
-                     [relative_path(name, labels.data_dir) for name in groups])
-        cached: tuple[int, list[np.ndarray]] | None = None
-        for index, (frame, copy) in enumerate(tqdm(pairs, desc=f"cache {kind}", disable=None)):
-            if cached is None or cached[0] != frame:
-                cached = (frame, [read_image(labels.data_dir / p)
-                                  for p in labels.image_paths[:, frame]])
-            calibration = labels.calibration_files[frame]
-            sample = build_sample(labels, points_3d, frame, copy, cached[1],
-                                  groups.get(calibration), spec)
-            sample.update(calibration_index=calib_index.get(calibration, -1),
-                          image=keys[frame], set=sets[frame],
-                          source_paths=list(labels.image_paths[:, frame]))
-            writer.write(index, sample)
-            if copy > 0:
-                stats.residuals.append(sample["fit_residual_px"])
-        stats.samples = len(pairs)
+    samples: dict[str, list] = {}
+    strings: dict[str, list] = {"image": [], "source_paths": [], "set": []}
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", track_order=False, libver=LIBVER) as h5:
+            images = create_images(h5, len(planned), labels.n_views, spec.image_size,
+                                   spec.image_compression)
+            current: tuple[int, list[np.ndarray]] | None = None
+            for index, item in enumerate(tqdm(planned, desc=f"cache {kind}", disable=None)):
+                if current is None or current[0] != item.frame:
+                    current = (item.frame, [read_image(labels.data_dir / p)
+                                            for p in labels.image_paths[:, item.frame]])
+                sample = build_sample(labels, points_3d, item, current[1], spec)
+                images[index] = sample.pop("images")
+                calibration = labels.calibration_files[item.frame]
+                sample["calibration_index"] = calib_index.get(calibration, -1)
+                for name, value in sample.items():
+                    samples.setdefault(name, []).append(value)
+                strings["image"].append(keys[item.frame])
+                strings["source_paths"].append(list(labels.image_paths[:, item.frame]))
+                strings["set"].append(sets[item.frame])
+                if item.copy > 0:
+                    stats.residuals.append(sample["fit_residual_px"])
+            if not planned:
+                samples = empty_metadata(labels.n_views, labels.n_keypoints)
+                strings["source_paths"] = np.zeros((0, labels.n_views), dtype=object)
+            write_metadata(h5, samples, strings, camera_tables(groups),
+                           [relative_path(name, labels.data_dir) for name in groups])
+            median, p95, _ = stats.residual_summary()
+            attrs = {
+                "format_version": FORMAT_VERSION, "kind": kind, "config_hash": config_hash,
+                "input_hash": input_hash, "view_names": list(labels.view_names),
+                "keypoint_names": list(labels.keypoint_names),
+                "image_size": list(spec.image_size), "residual_median_px": median,
+                "residual_p95_px": p95,
+                "not_augmented": json.dumps(stats.not_augmented, sort_keys=True),
+            }
+            for name, value in attrs.items():
+                h5.attrs[name] = value
+        stats.samples = len(planned)
     return stats
+
+
+def empty_metadata(views: int, keypoints: int) -> dict[str, np.ndarray]:
+    """Zero-length per-sample arrays (a cache with no frames, e.g. val_prob 0 and no test)."""
+    shapes = {"keypoints_2d": (views, keypoints, 2), "visible": (views, keypoints),
+              "keypoints_3d": (keypoints, 3), "frame_from_model": (views, 2, 3),
+              "warp": (views, 2, 3), "fit_residual_px": (views,), "shift": (3,)}
+    return {name: np.zeros((0, *shapes.get(name, ())), dtype)
+            for name, dtype in PER_SAMPLE.items() if name != "images"}

@@ -1,14 +1,25 @@
 """Torch Dataset over an HDF5 augmentation cache, with per-view photometric augmentation.
 
-The file is opened lazily in each process (so DataLoader workers each get their own handle);
-small arrays (keypoints, cameras) are read once. Items are ready for the model:
+The file is checked when the Dataset is made (format, config hash) and the small arrays
+(keypoints, cameras, names) are read once; the images are read one sample (= one HDF5 chunk) at
+a time through a handle opened lazily in each process, so DataLoader workers (fork or spawn)
+never share an HDF5 handle. Items (a DataLoader batch adds a leading B):
 
-  images (V, 3, H, W) uint8 RGB: normalise batches with `normalize_images` (cheaper in torch,
-    and on the GPU, than per sample in the loader)
-  keypoints_2d (V, K, 2) float32 model pixels, 0 where missing; keypoints_valid (V, K) bool
-  visible (V, K) int8; keypoints_3d (K, 3) float32, 0 where missing; keypoints_3d_valid (K,)
-  frame_from_model (V, 2, 3); intrinsics (V, 3, 3); extrinsics (V, 3, 4); distortions (V, 8)
-  fisheye (V,) bool; has_calibration bool; index int
+  images            float32 (V, 3, H, W)  RGB, ImageNet mean/std normalised (after the
+                                          photometric augmentation); uint8 0..255 RGB with
+                                          `normalize=False` (then call `normalize_images` per
+                                          batch, e.g. on the GPU)
+  keypoints_2d      float32 (V, K, 2)     model pixels, 0 where missing
+  keypoints_valid   bool    (V, K)
+  visible           int8    (V, K)        LP 0/1/2 where given, else 2 where labelled, 0 missing
+  keypoints_3d      float32 (K, 3)        world units (augmented pose), 0 where missing
+  keypoints_3d_valid bool   (K,)
+  frame_from_model  float32 (V, 2, 3)     p_frame = A[:, :2] @ p_model + A[:, 2]; for an
+                                          augmented sample the camera frame in which
+                                          keypoints_3d projects onto keypoints_2d
+  intrinsics (V, 3, 3), extrinsics (V, 3, 4) [R|t], distortions (V, 8) float32,
+  fisheye (V,) bool, has_calibration bool (identity cameras when False), index int64 (row in
+  the file)
 """
 
 from __future__ import annotations
@@ -21,12 +32,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cache import open_checked
+from pipeline.cache import decode_strings, open_checked, read_dataset
 from pipeline.errors import ParallaxError
 from pipeline.photometric import PhotometricConfig, photometric
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# uint8 -> normalised float32 per RGB channel: x·scale + offset (numpy, single-threaded: torch's
+# intra-op threads in a loader process only contend with the training loop for the cores)
+_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)[None, :, None, None]
+_OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[None, :, None, None]
+METADATA = ("keypoints_2d", "visible", "keypoints_3d", "frame_from_model", "calibration_index",
+            "frame_index", "copy", "fit_residual_px", "cam_intrinsics", "cam_extrinsics",
+            "cam_distortions", "cam_fisheye")
+
+
+def normalized_rgb(bgr: np.ndarray) -> np.ndarray:
+    """uint8 BGR (V, H, W, 3) -> float32 RGB (V, 3, H, W) normalised with ImageNet mean/std."""
+    out = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2)).astype(np.float32)
+    out *= _SCALE
+    out += _OFFSET
+    return out
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -37,31 +63,36 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 
 
 class CacheDataset(Dataset):
-    """Samples of one cache file; `photometric` (None = off) is seeded by (seed, epoch, index)."""
+    """Samples of one cache file.
+
+    expected_config_hash: refuse a cache built with another config (see `cache.config_hash`).
+    photometric: None = off (evaluation); else drawn per view from a generator seeded by
+        (seed, epoch, row), so an epoch is reproducible whatever the workers and order.
+    sets: keep only samples of these sets (e.g. ("val",) from eval.h5); None = all.
+    """
 
     def __init__(self, path: str | Path, *, expected_config_hash: str | None = None,
                  photometric: PhotometricConfig | None = None, seed: int = 0,
-                 sets: tuple[str, ...] | None = None) -> None:
+                 sets: tuple[str, ...] | None = None, normalize: bool = True) -> None:
         self.path = Path(path)
         self.photometric = photometric
         self.seed = seed
+        self.normalize = normalize
         self.epoch = 0
         with open_checked(self.path, expected_config_hash) as h5:
-            try:
-                self.view_names = [str(v) for v in h5.attrs["view_names"]]
-                self.keypoint_names = [str(k) for k in h5.attrs["keypoint_names"]]
-                meta = {name: h5[name][...] for name in (
-                    "keypoints_2d", "visible", "keypoints_3d", "frame_from_model",
-                    "calibration_index", "cam_intrinsics", "cam_extrinsics", "cam_distortions",
-                    "cam_fisheye", "set", "image", "frame_index", "copy")}
-            except OSError as err:
-                raise ParallaxError(
-                    f"{self.path}: corrupt cache (checksum failed): {err}") from None
+            self.view_names = [str(v) for v in h5.attrs["view_names"]]
+            self.keypoint_names = [str(k) for k in h5.attrs["keypoint_names"]]
+            self.image_size = tuple(int(s) for s in h5.attrs["image_size"])
+            self.config_hash = str(h5.attrs["config_hash"])
+            meta = {name: read_dataset(h5, name, self.path) for name in METADATA}
+            for name in ("set", "image"):
+                meta[name] = decode_strings(read_dataset(h5, name, self.path))
         keep = np.ones(len(meta["set"]), bool) if sets is None else np.isin(
             meta["set"].astype(str), list(sets))
         self.rows = np.flatnonzero(keep)
         self.meta = meta
         self._h5: h5py.File | None = None
+        self._images_ds: h5py.Dataset | None = None
         self._pid = -1
 
     def __len__(self) -> int:
@@ -73,12 +104,29 @@ class CacheDataset(Dataset):
 
     def _images(self, row: int) -> np.ndarray:
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
+            try:
+                self._h5 = h5py.File(self.path, "r")
+                self._images_ds = self._h5["images"]
+            except (OSError, KeyError) as err:
+                raise ParallaxError(f"{self.path}: cannot open the cache: {err}") from None
             self._pid = os.getpid()
         try:
-            return self._h5["images"][row]
-        except OSError as err:
-            raise ParallaxError(f"{self.path}: sample {row} is corrupt: {err}") from None
+            return self._images_ds[row]
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ParallaxError(f"{self.path}: sample {row} is corrupt (checksum or "
+                                f"decompression failed): {err}; rerun cache_augmentations"
+                                ) from None
+
+    def cameras(self, row: int) -> dict[str, np.ndarray]:
+        """The sample's cameras (identity cameras when it has no calibration)."""
+        meta, calib = self.meta, int(self.meta["calibration_index"][row])
+        views = meta["keypoints_2d"].shape[1]
+        if calib >= 0:
+            return {key: meta[f"cam_{key}"][calib]
+                    for key in ("intrinsics", "extrinsics", "distortions", "fisheye")}
+        return {"intrinsics": np.broadcast_to(np.eye(3), (views, 3, 3)),
+                "extrinsics": np.broadcast_to(np.eye(3, 4), (views, 3, 4)),
+                "distortions": np.zeros((views, 8)), "fisheye": np.zeros(views, bool)}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = int(self.rows[index])
@@ -86,38 +134,43 @@ class CacheDataset(Dataset):
         if self.photometric is not None:
             rng = np.random.default_rng(np.random.SeedSequence((self.seed, self.epoch, row)))
             images = photometric(images, rng, self.photometric)
-        rgb = np.ascontiguousarray(images[..., ::-1].transpose(0, 3, 1, 2))
-        meta = self.meta
-        kp2d = meta["keypoints_2d"][row]
-        kp3d = meta["keypoints_3d"][row]
-        calib = int(meta["calibration_index"][row])
-        views = kp2d.shape[0]
-        if calib >= 0:
-            cams = {key: meta[f"cam_{key}"][calib] for key in (
-                "intrinsics", "extrinsics", "distortions", "fisheye")}
+        if self.normalize:
+            pixels = torch.from_numpy(normalized_rgb(images))
         else:
-            cams = {"intrinsics": np.broadcast_to(np.eye(3), (views, 3, 3)),
-                    "extrinsics": np.broadcast_to(np.eye(3, 4), (views, 3, 4)),
-                    "distortions": np.zeros((views, 8)), "fisheye": np.zeros(views, bool)}
-        valid_2d = np.isfinite(kp2d).all(-1)
-        valid_3d = np.isfinite(kp3d).all(-1)
+            rgb = images[..., ::-1].transpose(0, 3, 1, 2)
+            pixels = torch.from_numpy(np.ascontiguousarray(rgb))
+        meta = self.meta
+        kp2d, kp3d = meta["keypoints_2d"][row], meta["keypoints_3d"][row]
+        cams = self.cameras(row)
+        valid_2d, valid_3d = np.isfinite(kp2d).all(-1), np.isfinite(kp3d).all(-1)
         return {
-            "images": torch.from_numpy(rgb),
-            "keypoints_2d": torch.from_numpy(np.nan_to_num(kp2d).astype(np.float32)),
+            "images": pixels,
+            "keypoints_2d": torch.from_numpy(np.where(valid_2d[..., None], kp2d, 0.0)
+                                             .astype(np.float32)),
             "keypoints_valid": torch.from_numpy(valid_2d),
-            "visible": torch.from_numpy(meta["visible"][row]),
-            "keypoints_3d": torch.from_numpy(np.nan_to_num(kp3d).astype(np.float32)),
+            "visible": torch.from_numpy(meta["visible"][row].astype(np.int8)),
+            "keypoints_3d": torch.from_numpy(np.where(valid_3d[..., None], kp3d, 0.0)
+                                             .astype(np.float32)),
             "keypoints_3d_valid": torch.from_numpy(valid_3d),
             "frame_from_model": torch.from_numpy(meta["frame_from_model"][row].astype(np.float32)),
             "intrinsics": torch.from_numpy(np.array(cams["intrinsics"], np.float32)),
             "extrinsics": torch.from_numpy(np.array(cams["extrinsics"], np.float32)),
             "distortions": torch.from_numpy(np.array(cams["distortions"], np.float32)),
             "fisheye": torch.from_numpy(np.array(cams["fisheye"], bool)),
-            "has_calibration": torch.tensor(calib >= 0),
-            "index": torch.tensor(row),
+            "has_calibration": torch.tensor(int(meta["calibration_index"][row]) >= 0),
+            "index": torch.tensor(row, dtype=torch.int64),
         }
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_h5"] = None  # h5py handles do not cross process boundaries
+        # h5py handles do not cross processes: each one opens its own
+        state["_h5"], state["_images_ds"], state["_pid"] = None, None, -1
         return state
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_h5", None)
+        if handle is not None and self._pid == os.getpid():
+            try:
+                handle.close()
+            except Exception:  # interpreter shutdown: nothing useful to do
+                pass

@@ -1,8 +1,14 @@
 """Train / validation / test split of the labelled frames (written once, used by every stage).
 
-Frames of `training.test_sessions` are all test. The others are shuffled by a generator seeded
-with `training.rng_seed_data_pt`: the first round(train_prob·n) are train, the next
-round(val_prob·n) validation, the rest test (LP's `train_prob` / `val_prob`).
+Frames of `training.test_sessions` (whole sessions held out) are all test; naming a session the
+dataset does not have is an error. The other n frames are permuted by a NumPy generator seeded
+with `training.rng_seed_data_pt`: the first max(1, round(train_prob·n)) are train, the next
+round(val_prob·n) validation (at least 1 when val_prob > 0 and frames remain), the rest test
+(LP's `train_prob` / `val_prob`). Deterministic: the same frames, sessions and settings always
+give the same table.
+
+`splits.csv`: one row per labelled frame in label-CSV order, columns `image` (the frame key
+`labeled-data/<session>/<file>`, as in labels_3d.csv), `session`, `set` (train | val | test).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ def make_splits(
     test_sessions: Sequence[str] = (),
 ) -> pd.DataFrame:
     """A table (image, session, set) in frame order."""
+    if len(keys) != len(sessions):
+        raise ValueError(f"{len(keys)} frame keys but {len(sessions)} sessions")
     if not (0 < train_prob <= 1 and 0 <= val_prob and train_prob + val_prob <= 1):
         raise ParallaxError(
             f"training.train_prob ({train_prob}) and training.val_prob ({val_prob}) must be "
@@ -57,7 +65,9 @@ def make_splits(
 def read_splits(path, keys: Sequence[str]) -> np.ndarray:
     """The `set` column of a splits CSV, checked against the dataset's frame keys."""
     table = read_frame_table(path, keys, "cache_augmentations")
-    bad = set(table["set"]) - set(SETS)
+    if "set" not in table.columns:
+        raise ParallaxError(f"{path}: no 'set' column; rerun cache_augmentations")
+    bad = set(table["set"].astype(str)) - set(SETS)
     if bad:
         raise ParallaxError(f"{path}: unknown set name(s) {sorted(bad)}")
     return table["set"].to_numpy(dtype=object)

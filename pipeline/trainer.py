@@ -65,6 +65,10 @@ class TrainConfig:
         pairwise = loss_cfg.get("supervised_pairwise_projections") or {}
         reprojection = loss_cfg.get("supervised_reprojection_heatmap_mse") or {}
         keys = {f for f in cls.__dataclass_fields__} & set(training)
+        optimizer = training.get("optimizer_params") or {}
+        if "learning_rate" in optimizer:
+            keys.add("learning_rate")
+            training = {**training, "learning_rate": optimizer["learning_rate"]}
         return cls(
             model=dict(config.get("model", {})), data=dict(config.get("data", {})),
             **{key: training[key] for key in keys if key not in ("model", "data")},

@@ -9,9 +9,18 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline import cache_augmentations, triangulate_labels
 from pipeline.errors import ParallaxError
 from pipeline.trainer import TrainConfig, Trainer
-from tests.test_cache import CONFIG, build
+from tests.conftest import dataset_cli_args
+
+CONFIG = {
+    "data.image_resize_dims": {"height": 64, "width": 64},
+    "augmentation": {"copies_per_frame": 1, "scale_range": [0.8, 1.2], "translate_frac": 0.25,
+                     "rotate_deg": 0.0, "vertical_axis": [0.0, 0.0, 1.0]},
+    "training.imgaug_3d": True, "training.train_prob": 0.6, "training.val_prob": 0.2,
+    "training.rng_seed_data_pt": 0, "training.test_sessions": [],
+}
 
 TINY = {
     "model": {"model_type": "heatmap_multiview_transformer", "backbone": "vit_tiny_test"},
@@ -28,10 +37,17 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def small_cache(example_dir, tmp_path_factory):
-    config = {**CONFIG, "data.image_resize_dims": {"height": 64, "width": 64},
-              "augmentation": {**CONFIG["augmentation"], "copies_per_frame": 1}}
-    code, paths = build(example_dir, tmp_path_factory.mktemp("small"), config)
-    assert code == 0
+    """The example cached at 64x64 through the stage CLIs."""
+    out = tmp_path_factory.mktemp("small")
+    data = dataset_cli_args(example_dir)
+    assert triangulate_labels.main([*data, "--points", str(out / "l.csv"), "--outliers",
+                                    str(out / "o.csv"), "--summary", str(out / "s.json")]) == 0
+    paths = {key: out / name for key, name in (("splits", "splits.csv"), ("train", "train.h5"),
+                                               ("eval", "eval.h5"), ("picture", "a.png"))}
+    argv = [*data, "--labels-3d", str(out / "l.csv"), "--config-json", json.dumps(CONFIG)]
+    for key, path in paths.items():
+        argv += [f"--{key}", str(path)]
+    assert cache_augmentations.main(argv) == 0
     return paths
 
 
@@ -94,3 +110,20 @@ def test_bad_configs(small_cache, tmp_path):
     run = trainer(small_cache, tmp_path, bad_precision)
     with pytest.raises(ParallaxError, match="fp16"):
         run.fit()
+
+
+def test_train_stage_cli(small_cache, tmp_path):
+    from pipeline import train
+
+    config = json.loads(json.dumps(TINY))
+    config["training"].update(max_epochs=1, max_steps=2)
+    out = tmp_path / "models" / "tiny"
+    argv = ["--train-h5", str(small_cache["train"]), "--eval-h5", str(small_cache["eval"]),
+            "--config-json", json.dumps(config), "--out-dir", str(out)]
+    assert train.main(argv) == 0
+    assert {"best.pt", "last.pt", "metrics.csv", "config.yaml"} <= {p.name for p in out.iterdir()}
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 2 and state["model_type"] == "heatmap_multiview_transformer"
+    # a cache built with another configuration is refused, naming the file
+    other = json.dumps({**CONFIG, "training.rng_seed_data_pt": 99})
+    assert train.main([*argv, "--cache-config-json", other]) == 2

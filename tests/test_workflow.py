@@ -138,3 +138,10 @@ def test_slurm_profile_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     assert "validate_calibration" in out and "slurm_partition=<your-partition>" in out
+
+
+def test_train_target_dry_run(tmp_path):
+    result = snakemake(tmp_path, write_config(tmp_path / "c.yaml"), "-n",
+                       "results/models/mvt/best.pt")
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "cache_augmentations" in result.stdout

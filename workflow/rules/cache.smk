@@ -25,7 +25,7 @@ rule cache_augmentations:
         code=stage_digest("cache_augmentations"),
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=4000,
         runtime=60,
     conda:
         "../../envs/pipeline.yaml"

@@ -26,6 +26,11 @@ CACHE_KEYS = (
     "training.rng_seed_data_pt",
     "training.test_sessions",
 )
+# the config sections training reads; model outputs go to results/models/<model.model_name>/
+TRAIN_KEYS = ("model", "data", "training", "losses")
+MODEL_NAME = config["model"]["model_name"]
+MODEL_DIR = f"results/models/{MODEL_NAME}"
+TRAIN_GPUS = 1 if config["training"]["device"] in ("cuda", "auto") else 0
 
 
 def _check_config():
@@ -125,6 +130,6 @@ def dataset_args() -> str:
     return " ".join(args)
 
 
-def parent_of_truth(wildcards, output) -> str:
-    """The example's dataset folder, derived from its `truth` output."""
-    return str(Path(output.truth).parent)
+def output_folder(wildcards, output) -> str:
+    """The folder of a rule's first output (the example's dataset, a model's directory)."""
+    return str(Path(output[0]).parent)

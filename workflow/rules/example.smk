@@ -11,7 +11,7 @@ if EXAMPLE["generate"]:
         benchmark:
             "benchmarks/generate_example.tsv"
         params:
-            out=parent_of_truth,
+            out=output_folder,
             cfg=config_json("example"),
             code=stage_digest("example"),
             seed=EXAMPLE["seed"],
