@@ -7,7 +7,6 @@ which turns the error into one line on stderr and exit code 2 (tracebacks are fo
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,7 +22,6 @@ def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     try:
         body(argv)
     except ParallaxError as err:
-        logging.getLogger("parallax").error("%s", err)
-        print(f"parallax error: {err}", file=sys.stderr)
+        print(f"parallax error: {err}", file=sys.stderr)  # stderr is the rule's log
         return EXIT_INPUT_ERROR
     return 0
