@@ -1,0 +1,259 @@
+"""Inference core: coordinate chain frame -> model -> frame, view blanking, checkpoint loading,
+confidence-weighted triangulation, prediction CSV round trips."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pipeline.cameras import Camera, CameraGroup
+from pipeline.errors import ParallaxError
+from pipeline.inference import (
+    LoadedModel,
+    load_model,
+    predict,
+    prepare_views,
+    triangulate_predictions,
+)
+from pipeline.predictions_io import (
+    read_pixel_error,
+    read_pose_3d,
+    read_predictions_2d,
+    write_pixel_error,
+    write_pose_3d,
+    write_predictions_2d,
+)
+from tests.test_predict_labeled import trained  # noqa: F401  (session fixture, built once)
+
+SIZE = (64, 96)  # model input (H, W)
+
+
+class PeakModel(nn.Module):
+    """Heatmaps (B, V, K, H/s, W/s) with all mass on given cells; records its input."""
+
+    def __init__(self, cells: np.ndarray, stride: int = 4) -> None:
+        super().__init__()
+        self.cells, self.stride, self.inputs = cells, stride, []  # cells (V, K, 2) row, col
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.inputs.append(images.clone())
+        b, v = images.shape[:2]
+        h, w = images.shape[-2] // self.stride, images.shape[-1] // self.stride
+        k = self.cells.shape[1]
+        maps = torch.zeros(b, v, k, h, w)
+        for view in range(v):
+            for kp in range(k):
+                row, col = self.cells[view, kp]
+                maps[:, view, kp, row, col] = 1.0
+        return {"heatmaps": maps}
+
+
+class BrightnessModel(nn.Module):
+    """A 'dot detector': one heatmap = the stride-pooled image brightness above the background,
+    normalised to sum 1 (its local soft-argmax is the dot's brightness centroid)."""
+
+    stride = 2
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, v = images.shape[:2]
+        pooled = nn.functional.avg_pool2d(images.flatten(0, 1).mean(1, keepdim=True), 2)
+        pooled = pooled - pooled.amin(dim=(-2, -1), keepdim=True)
+        maps = pooled / pooled.sum(dim=(-2, -1), keepdim=True)
+        return {"heatmaps": maps.view(b, v, 1, *maps.shape[-2:])}
+
+
+def loaded_with(model: nn.Module, views: int, keypoints: int) -> LoadedModel:
+    return LoadedModel(model=model, device=torch.device("cpu"),
+                       view_names=[f"v{i}" for i in range(views)],
+                       keypoint_names=[f"k{i}" for i in range(keypoints)], image_size=SIZE,
+                       model_type="test", name="test")
+
+
+def frames_of(shapes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+
+
+@pytest.mark.parametrize("with_boxes", [False, True])
+def test_predicted_peak_maps_to_frame_pixels(with_boxes):
+    shapes = [(480, 640), (300, 200), (1024, 1280)]
+    boxes = np.array([[10, 20, 200, 300], [0, 0, 300, 200], [500, 100, 512, 768]], float)
+    images, frame_from_model = prepare_views(frames_of(shapes), boxes if with_boxes else None,
+                                             SIZE)
+    assert images.shape == (3, *SIZE, 3) and images.dtype == np.uint8
+    cells = np.array([[[3, 5], [0, 0]], [[15, 23], [7, 11]], [[8, 1], [2, 20]]])  # row, col
+    model = PeakModel(cells)
+    xy, conf = predict(loaded_with(model, 3, 2), images[None], frame_from_model)
+    # independently: cell centre in model px, then the pixel-edge resize of the box by hand
+    s = model.stride
+    model_xy = cells[..., ::-1] * s + (s - 1) / 2
+    box = boxes if with_boxes else np.array([[0, 0, h, w] for h, w in shapes], float)
+    x0, y0, bh, bw = (box[:, i, None] for i in range(4))
+    expected = np.stack([(model_xy[..., 0] + 0.5) * bw / SIZE[1] - 0.5 + x0,
+                         (model_xy[..., 1] + 0.5) * bh / SIZE[0] - 0.5 + y0], -1)
+    np.testing.assert_allclose(xy[0], expected, atol=1e-9)
+    np.testing.assert_allclose(conf, 1.0)
+
+
+def test_dot_in_frame_is_found_at_its_frame_position():
+    shapes = [(480, 640), (1024, 1280)]
+    dots = np.array([[412.0, 133.0], [250.0, 700.0]])  # x, y frame px
+    frames = [np.zeros((h, w, 3), np.uint8) for h, w in shapes]
+    for frame, (x, y) in zip(frames, dots, strict=True):
+        cv2.circle(frame, (int(x), int(y)), 12, (255, 255, 255), -1)
+    images, frame_from_model = prepare_views(frames, None, SIZE)
+    xy, _ = predict(loaded_with(BrightnessModel(), 2, 1), images[None], frame_from_model)
+    scale = np.array([w / SIZE[1] for _, w in shapes])  # frame px per model px
+    error = np.linalg.norm(xy[0, :, 0] - dots, axis=-1)
+    assert (error < 0.25 * scale).all(), (xy[0, :, 0], dots)
+
+
+def test_blank_views_set_the_normalised_input_to_zero():
+    images = np.random.default_rng(1).integers(0, 255, (2, 3, *SIZE, 3), dtype=np.uint8)
+    model = PeakModel(np.zeros((3, 1, 2), int))
+    loaded = loaded_with(model, 3, 1)
+    predict(loaded, images, np.tile(np.eye(2, 3), (3, 1, 1)), blank_views=[1])
+    seen = model.inputs[-1]
+    assert (seen[:, 1] == 0).all() and (seen[:, [0, 2]] != 0).any(dim=(2, 3, 4)).all()
+    mask = np.array([[True, False, False], [False, False, True]])
+    predict(loaded, images, np.tile(np.eye(2, 3), (3, 1, 1)), blank_mask=mask, batch_size=1)
+    seen = torch.cat(model.inputs[-2:])
+    zero = (seen == 0).flatten(2).all(-1).numpy()
+    np.testing.assert_array_equal(zero, mask)
+    # the normalisation is the training one: ImageNet mean/std of RGB in 0..1
+    bgr = images[1, 0, 5, 7].astype(float)
+    expected = (bgr[::-1] / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(seen[1, 0, :, 5, 7].numpy(), expected, rtol=1e-5)
+
+
+def test_trained_checkpoint_loads_and_predicts(trained):  # noqa: F811
+    loaded = load_model(trained["mvt"], "cpu")
+    assert not loaded.model.training and loaded.name == "mvt"
+    assert loaded.model_type == "heatmap_multiview_transformer" and loaded.image_size == (64, 64)
+    v = len(loaded.view_names)
+    images = np.random.default_rng(0).integers(0, 255, (2, v, 64, 64, 3), dtype=np.uint8)
+    to_frame = np.tile(np.eye(2, 3), (v, 1, 1))
+    xy, conf = predict(loaded, images, to_frame)
+    assert xy.shape == (2, v, len(loaded.keypoint_names), 2) and np.isfinite(xy).all()
+    assert ((conf > 0) & (conf <= 1)).all()
+    # MVT: blanking view 0 changes the other views' predictions (cross-view attention) ...
+    blanked, _ = predict(loaded, images, to_frame, blank_views=[0])
+    assert not np.allclose(blanked[:, 1:], xy[:, 1:])
+    # ... the single-view baseline: the other views are untouched
+    single = load_model(trained["single"], "cpu")
+    assert single.model_type == "heatmap"
+    xy1, _ = predict(single, images, to_frame)
+    blanked1, _ = predict(single, images, to_frame, blank_views=[0])
+    np.testing.assert_allclose(blanked1[:, 1:], xy1[:, 1:], atol=1e-4)
+    assert not np.allclose(blanked1[:, 0], xy1[:, 0])
+
+
+def test_load_model_errors(trained, tmp_path):  # noqa: F811
+    with pytest.raises(ParallaxError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    loaded = load_model(trained["mvt"], "cpu")
+    with pytest.raises(ParallaxError, match="view names"):
+        load_model(trained["mvt"], "cpu", view_names=loaded.view_names[::-1])
+    with pytest.raises(ParallaxError, match="keypoint names"):
+        load_model(trained["mvt"], "cpu", keypoint_names=loaded.keypoint_names[:-1])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(trained["mvt"].read_bytes()[:1000])
+    with pytest.raises(ParallaxError, match="corrupt.pt"):
+        load_model(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ParallaxError, match="missing"):
+        load_model(foreign)
+
+
+def make_group(n_views: int = 4) -> CameraGroup:
+    cams = []
+    for i in range(n_views):
+        angle = 2 * np.pi * i / n_views
+        rvec = np.array([0.0, -angle, 0.0])
+        centre = np.array([np.sin(angle), 0.2, -np.cos(angle)]) * 500
+        from pipeline.cameras import rodrigues
+
+        tvec = -rodrigues(rvec) @ centre
+        cams.append(Camera(name=f"c{i}", size=(640, 480),
+                           matrix=[[800, 0, 320], [0, 800, 240], [0, 0, 1]],
+                           dist=[0.01, -0.02, 0, 0, 0], rvec=rvec, tvec=tvec))
+    return CameraGroup(cameras=tuple(cams))
+
+
+def test_triangulate_predictions_recovers_points_and_ignores_zero_confidence():
+    group = make_group()
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(-40, 40, (5, 3, 3))  # (N, K, 3)
+    points = group.project(truth)  # (V, N, K, 2)
+    conf = rng.uniform(0.3, 1.0, points.shape[:-1])
+    tri = triangulate_predictions(points, conf, group)
+    np.testing.assert_allclose(tri.points_3d, truth, atol=1e-6)
+    assert (tri.n_views == 4).all() and np.nanmax(tri.reproj_error) < 1e-6
+    np.testing.assert_allclose(tri.score, conf.mean(axis=0))
+    # view 2 is wrong by 60 px: with full confidence the 3D moves, with zero it is ignored
+    wrong = points.copy()
+    wrong[2] += 60.0
+    bad = triangulate_predictions(wrong, np.ones_like(conf), group)
+    assert np.abs(bad.points_3d - truth).max() > 1.0
+    conf0 = conf.copy()
+    conf0[2] = 0.0
+    good = triangulate_predictions(wrong, conf0, group)
+    np.testing.assert_allclose(good.points_3d, truth, atol=1e-6)
+    assert (good.n_views == 3).all() and np.isnan(good.reproj_error[2]).all()
+    np.testing.assert_allclose(good.score, conf[[0, 1, 3]].mean(axis=0))
+    # a low confidence below min_confidence is ignored too; too few views -> NaN
+    conf_low = conf.copy()
+    conf_low[2] = 0.1
+    thresholded = triangulate_predictions(wrong, conf_low, group, min_confidence=0.2)
+    np.testing.assert_allclose(thresholded.points_3d, truth, atol=1e-6)
+    few = triangulate_predictions(points, conf, group, min_confidence=0.2, min_views=5)
+    assert np.isnan(few.points_3d).all() and np.isnan(few.mean_error).all()
+
+
+def test_prediction_csvs_round_trip(tmp_path):
+    rng = np.random.default_rng(2)
+    index = [f"labeled-data/s0_top/img{i:04d}.png" for i in range(4)]
+    kps = ["nose", "tail_base", "paw"]
+    points = rng.uniform(0, 1000, (4, 3, 2))
+    points[1, 2] = np.nan
+    conf = rng.uniform(0, 1, (4, 3))
+    sets = ["train", "val", "test", "train"]
+    write_predictions_2d(tmp_path / "p.csv", index, kps, points, conf, "mvt", sets)
+    got = read_predictions_2d(tmp_path / "p.csv")
+    assert got[0] == index and got[1] == kps and list(got[4]) == sets
+    np.testing.assert_array_equal(got[2], points)
+    np.testing.assert_array_equal(got[3], conf)
+    lp = pd.read_csv(tmp_path / "p.csv", header=[0, 1, 2], index_col=0)
+    assert lp.columns[:3].tolist() == [("mvt", "nose", "x"), ("mvt", "nose", "y"),
+                                       ("mvt", "nose", "likelihood")]
+    write_predictions_2d(tmp_path / "v.csv", range(4), kps, points, conf, "mvt")
+    assert read_predictions_2d(tmp_path / "v.csv")[4] is None
+
+    errors = rng.uniform(0, 5, (4, 3))
+    errors[0, 1] = np.nan
+    write_pixel_error(tmp_path / "e.csv", index, kps, errors, sets)
+    e_index, e_kps, e_errors, e_sets = read_pixel_error(tmp_path / "e.csv")
+    assert e_index == index and e_kps == kps and list(e_sets) == sets
+    np.testing.assert_array_equal(e_errors, errors)
+
+    p3 = rng.normal(size=(4, 3, 3))
+    p3[2, 0] = np.nan
+    err3, ncams, score = rng.uniform(0, 3, (4, 3)), rng.integers(0, 4, (4, 3)), conf
+    write_pose_3d(tmp_path / "3d.csv", kps, p3, err3, ncams, score,
+                  {"frame": index, "set": sets})
+    names, r3, rerr, rn, rscore, rest = read_pose_3d(tmp_path / "3d.csv")
+    assert names == kps
+    np.testing.assert_array_equal(r3, p3)
+    np.testing.assert_array_equal(rerr, err3)
+    np.testing.assert_array_equal(rn, ncams)
+    np.testing.assert_array_equal(rscore, score)
+    assert list(rest.columns) == [*(f"M_{r}{c}" for r in range(3) for c in range(3)),
+                                  "center_0", "center_1", "center_2", "fnum", "frame", "set"]
+    assert list(rest["frame"]) == index and list(rest["fnum"]) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(rest[[f"M_{r}{c}" for r in range(3) for c in range(3)]]
+                                  .to_numpy()[0], np.eye(3).ravel())
