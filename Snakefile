@@ -1,7 +1,7 @@
 # Parallax: calibrated multi-view animal pose estimation.
-# Stages (one rule file each): example -> calibration -> triangulation -> ...
-# Run: snakemake --cores N   (see README.md)
-# Training (in progress, not yet in `all`): snakemake --cores N results/models/<model_name>/best.pt
+# Stages (one rule file each): example -> calibration -> triangulation -> cache -> train
+#   -> predict (labelled frames, videos) -> evaluate -> comparison -> report
+# Run: snakemake --cores N   then   snakemake --report results/report.html   (see README.md)
 
 from snakemake.utils import min_version
 
@@ -11,12 +11,24 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model="|".join(re.escape(name) for name in MODEL_NAMES),
+    session="[^/]+",
+
+
 include: "workflow/rules/example.smk"
 include: "workflow/rules/calibration.smk"
 include: "workflow/rules/triangulation.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -24,6 +36,11 @@ rule all:
     input:
         "results/calibration/summary.json",
         "results/triangulation/labels_3d.csv",
-        "results/cache/train.h5",
-        "results/cache/eval.h5",
         "results/cache/augment.png",
+        expand("results/models/{model}/evaluation/metrics.json", model=MODEL_NAMES),
+        "results/comparison/comparison.csv",
+        expand(
+            "results/models/{model}/videos/{session}_3d.csv",
+            model=MODEL_NAMES,
+            session=VIDEO_SESSIONS,
+        ),

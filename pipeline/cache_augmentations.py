@@ -28,7 +28,7 @@ from pipeline.cache_build import NOT_AUGMENTED, BuildStats, CacheSpec, build_cac
 from pipeline.cli import add_dataset_args, load_dataset, setup_logging
 from pipeline.dataset import MultiviewLabels, frame_keys, read_frame_table
 from pipeline.errors import ParallaxError, run_main
-from pipeline.io_utils import atomic_paths
+from pipeline.io_utils import atomic_paths, writing
 from pipeline.splits import make_splits
 from pipeline.triangulation import load_calibrations
 
@@ -254,13 +254,17 @@ def _body(argv: Sequence[str] | None) -> None:
     hashes = {"config_hash": config_hash(config),
               "input_hash": files_hash(input_files(args, labels, groups), args.data_dir)}
     with atomic_paths(args.splits, args.train, args.eval, args.picture) as tmp:
-        splits.to_csv(tmp[0], index=False)
-        train = build_cache(tmp[1], labels, points_3d, sets, np.flatnonzero(sets == "train"),
-                            groups, spec, kind="train", **hashes)
-        evaluation = build_cache(tmp[2], labels, points_3d, sets,
-                                 np.flatnonzero(sets != "train"), groups, spec, kind="eval",
-                                 **hashes)
-        draw_picture(tmp[3], tmp[1], train)
+        with writing(args.splits):
+            splits.to_csv(tmp[0], index=False)
+        with writing(args.train):
+            train = build_cache(tmp[1], labels, points_3d, sets, np.flatnonzero(sets == "train"),
+                                groups, spec, kind="train", **hashes)
+        with writing(args.eval):
+            evaluation = build_cache(tmp[2], labels, points_3d, sets,
+                                     np.flatnonzero(sets != "train"), groups, spec, kind="eval",
+                                     **hashes)
+        with writing(args.picture):
+            draw_picture(tmp[3], tmp[1], train)
     copies = train.samples - int((sets == "train").sum())
     log.info("train.h5: %d samples (%d augmented copies); eval.h5: %d samples", train.samples,
              copies, evaluation.samples)

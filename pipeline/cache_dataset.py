@@ -3,7 +3,11 @@
 The file is checked when the Dataset is made (format, config hash) and the small arrays
 (keypoints, cameras, names) are read once; the images are read one sample (= one HDF5 chunk) at
 a time through a handle opened lazily in each process, so DataLoader workers (fork or spawn)
-never share an HDF5 handle. Items (a DataLoader batch adds a leading B):
+never share an HDF5 handle; the chunk's bytes are checked and inflated by `chunk_reader`
+(libdeflate when installed), not by HDF5's filter pipeline. For speed use `normalize=False`
+and normalise the uint8 batch on the device (`normalize_images`): float32 items cost about as
+much again as reading and augmenting the sample (bench/RESULTS.md). Items (a DataLoader batch
+adds a leading B):
 
   images            float32 (V, 3, H, W)  RGB, ImageNet mean/std normalised (after the
                                           photometric augmentation); uint8 0..255 RGB with
@@ -33,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.cache import decode_strings, open_checked, read_dataset
+from pipeline.chunk_reader import ChunkError, ChunkReader
 from pipeline.errors import ParallaxError
 from pipeline.photometric import PhotometricConfig, photometric
 
@@ -45,6 +50,11 @@ _OFFSET = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)[None, :, None, None
 METADATA = ("keypoints_2d", "visible", "keypoints_3d", "frame_from_model", "calibration_index",
             "frame_index", "copy", "fit_residual_px", "cam_intrinsics", "cam_extrinsics",
             "cam_distortions", "cam_fisheye")
+
+
+def rgb_planes(bgr: np.ndarray) -> np.ndarray:
+    """uint8 BGR (V, H, W, 3) -> uint8 RGB (V, 3, H, W), contiguous."""
+    return np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2))
 
 
 def normalized_rgb(bgr: np.ndarray) -> np.ndarray:
@@ -91,8 +101,9 @@ class CacheDataset(Dataset):
             meta["set"].astype(str), list(sets))
         self.rows = np.flatnonzero(keep)
         self.meta = meta
+        self.tensors = item_tensors(meta)
         self._h5: h5py.File | None = None
-        self._images_ds: h5py.Dataset | None = None
+        self._reader: ChunkReader | None = None
         self._pid = -1
 
     def __len__(self) -> int:
@@ -106,13 +117,13 @@ class CacheDataset(Dataset):
         if self._h5 is None or self._pid != os.getpid():
             try:
                 self._h5 = h5py.File(self.path, "r")
-                self._images_ds = self._h5["images"]
+                self._reader = ChunkReader(self._h5["images"])
             except (OSError, KeyError) as err:
                 raise ParallaxError(f"{self.path}: cannot open the cache: {err}") from None
             self._pid = os.getpid()
         try:
-            return self._images_ds[row]
-        except (OSError, RuntimeError, ValueError) as err:
+            return self._reader.read(row)
+        except (ChunkError, OSError, RuntimeError, ValueError) as err:
             raise ParallaxError(f"{self.path}: sample {row} is corrupt (checksum or "
                                 f"decompression failed): {err}; rerun cache_augmentations"
                                 ) from None
@@ -134,37 +145,15 @@ class CacheDataset(Dataset):
         if self.photometric is not None:
             rng = np.random.default_rng(np.random.SeedSequence((self.seed, self.epoch, row)))
             images = photometric(images, rng, self.photometric)
-        if self.normalize:
-            pixels = torch.from_numpy(normalized_rgb(images))
-        else:
-            rgb = images[..., ::-1].transpose(0, 3, 1, 2)
-            pixels = torch.from_numpy(np.ascontiguousarray(rgb))
-        meta = self.meta
-        kp2d, kp3d = meta["keypoints_2d"][row], meta["keypoints_3d"][row]
-        cams = self.cameras(row)
-        valid_2d, valid_3d = np.isfinite(kp2d).all(-1), np.isfinite(kp3d).all(-1)
-        return {
-            "images": pixels,
-            "keypoints_2d": torch.from_numpy(np.where(valid_2d[..., None], kp2d, 0.0)
-                                             .astype(np.float32)),
-            "keypoints_valid": torch.from_numpy(valid_2d),
-            "visible": torch.from_numpy(meta["visible"][row].astype(np.int8)),
-            "keypoints_3d": torch.from_numpy(np.where(valid_3d[..., None], kp3d, 0.0)
-                                             .astype(np.float32)),
-            "keypoints_3d_valid": torch.from_numpy(valid_3d),
-            "frame_from_model": torch.from_numpy(meta["frame_from_model"][row].astype(np.float32)),
-            "intrinsics": torch.from_numpy(np.array(cams["intrinsics"], np.float32)),
-            "extrinsics": torch.from_numpy(np.array(cams["extrinsics"], np.float32)),
-            "distortions": torch.from_numpy(np.array(cams["distortions"], np.float32)),
-            "fisheye": torch.from_numpy(np.array(cams["fisheye"], bool)),
-            "has_calibration": torch.tensor(int(meta["calibration_index"][row]) >= 0),
-            "index": torch.tensor(row, dtype=torch.int64),
-        }
+        pixels = normalized_rgb(images) if self.normalize else rgb_planes(images)
+        item = {name: values[row].clone() for name, values in self.tensors.items()}
+        item["images"] = torch.from_numpy(pixels)
+        return item
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         # h5py handles do not cross processes: each one opens its own
-        state["_h5"], state["_images_ds"], state["_pid"] = None, None, -1
+        state["_h5"], state["_reader"], state["_pid"] = None, None, -1
         return state
 
     def __del__(self) -> None:
@@ -174,3 +163,31 @@ class CacheDataset(Dataset):
                 handle.close()
             except Exception:  # interpreter shutdown: nothing useful to do
                 pass
+
+
+def item_tensors(meta: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Every row's item fields but the images (N, ...), converted once: an item indexes them."""
+    kp2d, kp3d = meta["keypoints_2d"], meta["keypoints_3d"]
+    valid_2d, valid_3d = np.isfinite(kp2d).all(-1), np.isfinite(kp3d).all(-1)
+    calib = meta["calibration_index"].astype(np.int64)
+    n, views = kp2d.shape[:2]
+    calibrated = calib >= 0
+    cams = {"intrinsics": np.broadcast_to(np.eye(3), (n, views, 3, 3)).copy(),
+            "extrinsics": np.broadcast_to(np.eye(3, 4), (n, views, 3, 4)).copy(),
+            "distortions": np.zeros((n, views, 8)), "fisheye": np.zeros((n, views), bool)}
+    for key, values in cams.items():  # identity cameras where a sample has no calibration
+        values[calibrated] = meta[f"cam_{key}"][calib[calibrated]]
+    fields = {
+        "keypoints_2d": np.where(valid_2d[..., None], kp2d, 0.0).astype(np.float32),
+        "keypoints_valid": valid_2d, "visible": meta["visible"].astype(np.int8),
+        "keypoints_3d": np.where(valid_3d[..., None], kp3d, 0.0).astype(np.float32),
+        "keypoints_3d_valid": valid_3d,
+        "frame_from_model": meta["frame_from_model"].astype(np.float32),
+        "intrinsics": cams["intrinsics"].astype(np.float32),
+        "extrinsics": cams["extrinsics"].astype(np.float32),
+        "distortions": cams["distortions"].astype(np.float32),
+        "fisheye": cams["fisheye"].astype(bool), "has_calibration": calibrated,
+        "index": np.arange(n, dtype=np.int64),
+    }
+    return {name: torch.from_numpy(np.ascontiguousarray(values))
+            for name, values in fields.items()}

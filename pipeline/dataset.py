@@ -399,6 +399,11 @@ def load_labels(
     log.info("%s: %d frames, %d sessions, %d keypoints; labelled points per view: %s", data_dir,
              len(frame_names), len(set(sessions)), len(tables[0].keypoint_names),
              ", ".join(f"{v} {c}" for v, c in zip(views, counts.tolist(), strict=True)))
+    empty = ~np.isfinite(points).all(-1).any(axis=(0, 2))
+    if empty.any():
+        log.info("%s: %d frames have no label in any view (kept in the split, but they add "
+                 "no loss and nothing to triangulate), e.g. line %d of %s", data_dir,
+                 int(empty.sum()), int(np.flatnonzero(empty)[0]) + 4, csv_files[0])
     if not (calibration != "").all():
         log.info("%s: %d of %d frames have no calibration file", data_dir,
                  int((calibration == "").sum()), len(calibration))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -10,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from pipeline.errors import ParallaxError
+
+#: errno values that mean "the output cannot be written here", not a bug
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES}
 
 
 @contextmanager
@@ -42,3 +48,19 @@ def write_table(path: str | Path, table: pd.DataFrame) -> None:
     """Write a CSV table without the pandas index, atomically."""
     with atomic_path(path) as tmp:
         table.to_csv(tmp, index=False)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a disk-full / quota / read-only error raised while writing `path` into one
+    ParallaxError naming it (HDF5 reports ENOSPC as an OSError with the errno only in its
+    text)."""
+    try:
+        yield
+    except OSError as err:
+        text = str(err)
+        if err.errno in WRITE_ERRNOS or "No space left" in text or "errno = 28" in text:
+            reason = os.strerror(err.errno) if err.errno else text
+            raise ParallaxError(f"{path}: cannot write it: {reason}; free some space (or point "
+                                "the output elsewhere) and rerun; nothing was written") from None
+        raise

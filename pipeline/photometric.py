@@ -73,27 +73,27 @@ def photometric(images: np.ndarray, rng: np.random.Generator,
     noisy = rng.random(views) < cfg.noise_prob
     dropout = rng.random(views) < cfg.dropout_prob
     half = int(round(cfg.noise_std * np.sqrt(3)))  # uniform on [-half, half]: std ≈ noise_std
-    out = np.empty_like(images)
+    means = np.array([cv2.mean(image)[:3] for image in images]).mean(axis=1)  # (V,)
     levels = np.arange(256, dtype=np.float32)
-    for view in range(views):  # V <= 8; every step below is a whole-image OpenCV call
-        image = images[view]
-        mean = float(np.mean(cv2.mean(image)[:3]))
-        table = np.clip((levels - mean) * gain[view] + mean + bias[view], 0, 255)
-        image = cv2.LUT(image, np.round(table).astype(np.uint8))
+    tables = np.clip((levels - means[:, None]) * gain[:, None] + (means + bias)[:, None], 0, 255)
+    tables = np.round(tables).astype(np.uint8)  # (V, 256): contrast about the mean, brightness
+    out = np.empty_like(images)
+    for view in range(views):  # V <= 8; every step below is a whole-image OpenCV call, in place
+        image = out[view]
+        cv2.LUT(images[view], tables[view], dst=image)
         if blur[view]:
-            image = cv2.GaussianBlur(image, (0, 0), sigma[view])
+            cv2.GaussianBlur(image, (0, 0), sigma[view], dst=image)
         if noisy[view] and half > 0:
             pool = _noise_pool(half, image.size)
             start = int(rng.integers(0, pool.size - image.size + 1))
             noise = pool[start:start + image.size].reshape(image.shape)
-            image = cv2.subtract(cv2.add(image, noise), (half, half, half, 0))  # saturating
+            cv2.add(image, noise, dst=image)  # saturating, then centred
+            cv2.subtract(image, (half, half, half, 0), dst=image)
         if dropout[view]:
-            image = np.array(image)  # writable, not a view of the input
             fill = np.round(cv2.mean(image)[:3]).astype(np.uint8)
             for _ in range(int(rng.integers(1, 4))):
                 h = max(1, int(rng.uniform(0.03, cfg.dropout_size) * height))
                 w = max(1, int(rng.uniform(0.03, cfg.dropout_size) * width))
                 y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
                 image[y:y + h, x:x + w] = fill
-        out[view] = image
     return out

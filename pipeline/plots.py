@@ -217,3 +217,39 @@ def model_comparison(table: pd.DataFrame, columns: Sequence[str], path: str | Pa
         ax.set_title(column, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
+
+
+def video_traces(confidence: np.ndarray, points_3d: np.ndarray | None,
+                 view_names: Sequence[str], keypoint_names: Sequence[str], fps: float,
+                 path: str | Path, title: str) -> None:
+    """One session's predictions over time, 1000 x 600 px: mean confidence per view
+    (confidence: (views, frames, keypoints)) and, with a calibration, each keypoint's 3D
+    distance from the pose centroid (points_3d: (frames, keypoints, 3), NaN = not
+    triangulated), so jumps and dropouts stand out."""
+    frames = confidence.shape[1]
+    if frames == 0:
+        empty_figure(path, f"{title}: the videos have no frames", (1000, 600))
+        return
+    seconds = np.arange(frames) / (fps if fps > 0 else 1.0)
+    fig = Figure(figsize=(10, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for v, view in enumerate(view_names):
+        top.plot(seconds, confidence[v].mean(axis=-1), label=view, lw=1)
+    top.set(ylabel="mean confidence", ylim=(0, 1.05), title=title)
+    top.legend(loc="lower right", ncol=min(len(view_names), 8), fontsize=8)
+    if points_3d is None:
+        bottom.text(0.5, 0.5, "no calibration: no 3D", ha="center", va="center",
+                    transform=bottom.transAxes)
+    else:
+        with np.errstate(invalid="ignore"):
+            centroid = np.nanmean(points_3d, axis=1, keepdims=True) \
+                if np.isfinite(points_3d).any() else np.zeros_like(points_3d[:, :1])
+        distance = np.linalg.norm(points_3d - centroid, axis=-1)  # (frames, keypoints)
+        for k, name in enumerate(keypoint_names):
+            bottom.plot(seconds, distance[:, k], label=name, lw=0.8)
+        bottom.set(ylabel="3D distance from centroid")
+        if len(keypoint_names) <= 16:
+            bottom.legend(loc="upper right", ncol=4, fontsize=7)
+    bottom.set_xlabel("time (s)" if fps > 0 else "frame")
+    fig.tight_layout()
+    _save(fig, path)

@@ -7,6 +7,7 @@ anipose calibration. Writes into --out-dir (docs/formats.md, "Video predictions"
   <session>_<view>.csv          DLC 3-header CSV per view, index = frame number, x, y,
                                 likelihood per keypoint in frame pixels (one row per decoded frame)
   <session>_3d.csv              anipose pose-3d table (only with --calibration)
+  <session>_trajectories.png    confidence per view and 3D keypoint traces over time (report)
   <session>_<view>_labeled.mp4  only with --labeled-video: keypoints and --skeleton drawn
 
 All outputs appear together or not at all: a desynchronised set of videos, a video that stops
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import plots
 from pipeline.calibration_io import read_calibration
 from pipeline.cameras import CameraGroup
 from pipeline.cli import setup_logging
@@ -66,8 +68,9 @@ class VideoPredictions:
 
 def output_paths(out_dir: Path, session: str, view_names: Sequence[str], *, with_3d: bool,
                  labeled: bool) -> dict[str, Path]:
-    """Every output of one session, keyed `2d:<view>`, `3d`, `labeled:<view>`."""
+    """Every output of one session, keyed `2d:<view>`, `traces`, `3d`, `labeled:<view>`."""
     paths = {f"2d:{v}": out_dir / f"{session}_{v}.csv" for v in view_names}
+    paths["traces"] = out_dir / f"{session}_trajectories.png"
     if with_3d:
         paths["3d"] = out_dir / f"{session}_3d.csv"
     if labeled:
@@ -148,7 +151,8 @@ def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: 
 
 def write_outputs(paths: dict[str, Path], loaded: LoadedModel, result: VideoPredictions,
                   group: CameraGroup | None, *, min_confidence: float = 0.0,
-                  min_views: int = 2, timings: dict[str, float] | None = None) -> None:
+                  min_views: int = 2, timings: dict[str, float] | None = None,
+                  session: str = "") -> None:
     """Write the 2D CSVs (and the 3D CSV with a calibration) to `paths` (already temporary)."""
     timings = timings if timings is not None else result.timings
     index = np.arange(result.n_frames)
@@ -169,6 +173,10 @@ def write_outputs(paths: dict[str, Path], loaded: LoadedModel, result: VideoPred
     if group is not None:
         write_pose_3d(paths["3d"], loaded.keypoint_names, tri.points_3d, tri.mean_error,
                       tri.n_views, tri.score)
+    if "traces" in paths:
+        plots.video_traces(result.confidence, tri.points_3d if group is not None else None,
+                           loaded.view_names, loaded.keypoint_names, result.fps,
+                           paths["traces"], f"{session} ({loaded.name})")
     timings["write"] = time.perf_counter() - tic
 
 
@@ -241,7 +249,7 @@ def _body(argv: Sequence[str] | None) -> None:
             if labeled is not None:
                 labeled.close()
         write_outputs(tmp, loaded, result, group, min_confidence=args.min_confidence,
-                      min_views=args.min_views)
+                      min_views=args.min_views, session=args.session)
     elapsed = time.perf_counter() - tic
     log.info("session %s: %d frames x %d views in %.1f s = %.2f frames/s (%s) -> %s",
              args.session, result.n_frames, len(infos), elapsed, result.n_frames / elapsed,

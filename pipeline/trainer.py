@@ -1,35 +1,100 @@
-"""The training loop (plain torch): losses, patch-masking curriculum, checkpoints, exact resume.
+"""The training loop (plain torch): losses, patch-masking curriculum, checkpoints, exact resume,
+data parallel over torchrun processes (`pipeline.distributed`).
 
 Determinism: model init, data order (a permutation per epoch from (seed, epoch)), photometric
-augmentation (seeded by (seed, epoch, sample)) and patch masks (seeded by (seed, step)) are all
-functions of the seed and the step, so a run killed after a checkpoint and resumed with
-`resume=True` ends with the same weights as an unbroken run (on CPU).
+augmentation (seeded by (seed, epoch, sample)) and patch masks (seeded by (seed, step), drawn
+for the whole global batch) are all functions of the seed and the step, so a run killed after a
+checkpoint and resumed with `resume()` ends with the same weights as an unbroken run (on CPU).
+None of them depends on the number of processes, and every loss term is weighted by its count
+of valid entries all-reduced over the processes, so a DDP run follows the single-process run of
+the same global batch up to float rounding.
+
+Resume: last.pt stores `train_config_hash` (every TrainConfig value that can change the
+result, and the caches' config and input hashes). `resume()` continues only when it matches;
+otherwise it logs why and the run starts from scratch, removing the stale best.pt, last.pt,
+metrics.csv and tensorboard/ first: a run never mixes two configurations, so the rule can
+always pass --resume.
+
+Validation: each process evaluates a contiguous shard of the validation set; the sums and
+counts of every term are all-reduced, so val_* are means over the valid entries of the whole
+set (independent of val_batch_size and of the number of processes) and agree on every rank.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline import losses
-from pipeline.cache_dataset import CacheDataset, normalize_images
+from pipeline.cache_dataset import CacheDataset
+from pipeline.distributed import (
+    DistContext,
+    PaddedDataset,
+    Shard,
+    check_num_gpus,
+    init_process_group,
+    per_rank_batch,
+    rank_device,
+    shard_batches,
+)
 from pipeline.errors import ParallaxError
 from pipeline.io_utils import atomic_path
 from pipeline.masking import mask_generator, mask_ratio, sample_patch_mask
 from pipeline.model import build_model, param_groups
 from pipeline.photometric import from_imgaug
+from pipeline.train_losses import (
+    combine,
+    compute_losses,
+    loss_terms,
+    term_sums,
+    term_values,
+    term_weights,
+)
+from pipeline.train_runtime import (
+    ScalarLog,
+    autocast,
+    enable_tf32,
+    loader_options,
+    oom_hint,
+    pick_device,
+    to_device,
+)
+
+__all__ = ["TrainConfig", "Trainer", "autocast", "compute_losses", "pick_device"]
 
 log = logging.getLogger(__name__)
+
+#: TrainConfig values that do not change the trained weights (left out of the resume hash)
+RUNTIME_KEYS = ("device", "num_workers", "num_gpus", "ckpt_every_n_steps", "val_batch_size")
+OUTPUTS = ("best.pt", "last.pt", "metrics.csv")
+#: hard links to the latest best.pt and last.pt: Snakemake deletes a killed job's declared
+#: outputs before `--rerun-incomplete` runs it again, these survive and the run resumes
+RESUME_DIR = "resume"
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` (a hard link; a copy where links fail),
+    atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 @dataclass(frozen=True)
@@ -40,7 +105,7 @@ class TrainConfig:
     data: dict[str, Any] = field(default_factory=dict)
     max_epochs: int = 300
     max_steps: int | None = None
-    train_batch_size: int = 8
+    train_batch_size: int = 8  # global: split over the torchrun processes
     val_batch_size: int = 16
     learning_rate: float = 5e-4
     weight_decay: float = 0.05
@@ -50,7 +115,8 @@ class TrainConfig:
     ckpt_every_n_steps: int = 200
     precision: str = "fp32"
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = "auto"
+    num_gpus: int = 1  # the rule's torchrun switch; here only checked against WORLD_SIZE
     seed: int = 0
     patch_mask: dict[str, Any] = field(default_factory=dict)
     imgaug: str = "dlc"
@@ -80,70 +146,35 @@ class TrainConfig:
         )
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParallaxError("training.device is cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16/fp16 autocast (bf16 also on CPU); fp32 = no autocast."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ParallaxError(f"training.precision must be fp32, bf16 or fp16, got {precision!r}")
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ParallaxError("training.precision fp16 needs a CUDA device; use bf16 on CPU")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, epoch))
                                                   .generate_state(1)[0]))
     return torch.randperm(n, generator=generator).tolist()
 
 
-def compute_losses(
-    model, batch: dict[str, torch.Tensor], cfg: TrainConfig, warmup: float,
-    patch_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its terms for one batch (on the model's device)."""
-    images = batch["images"]
-    images = normalize_images(images) if images.dtype == torch.uint8 else images
-    out = model(images, patch_mask=patch_mask)
-    heatmaps = out["heatmaps"].float()
-    height, width = heatmaps.shape[-2:]
-    valid = batch["keypoints_valid"]
-    centres = losses.model_to_heatmap(batch["keypoints_2d"], model.stride)
-    targets = losses.gaussian_heatmaps(centres, valid, height, width, cfg.heatmap_sigma)
-    heatmap_loss = losses.heatmap_mse(heatmaps, targets, valid)
-    total = losses.loss_weight(0.0) * heatmap_loss
-    keypoints = losses.soft_argmax(heatmaps, model.stride)
-    terms = {"heatmap_mse": float(heatmap_loss.detach())}
-    if cfg.pairwise_log_weight is not None:
-        pairwise, metrics = losses.pairwise_projection_loss(keypoints, batch)
-        total = total + warmup * losses.loss_weight(cfg.pairwise_log_weight) * pairwise
-        terms.update(pairwise_projection=float(pairwise.detach()),
-                     pairwise_dist_world=float(metrics["pairwise_dist_world"]))
-    if cfg.reprojection_log_weight is not None:
-        reproj, metrics = losses.reprojection_heatmap_loss(keypoints, targets, batch,
-                                                           cfg.heatmap_sigma, model.stride)
-        total = total + warmup * losses.loss_weight(cfg.reprojection_log_weight) * reproj
-        terms.update(reprojection_heatmap_mse=float(reproj.detach()))
-    error = torch.linalg.vector_norm(keypoints.detach() - batch["keypoints_2d"], dim=-1)
-    terms["pixel_error_model"] = float(error[valid].mean()) if valid.any() else float("nan")
-    terms["loss"] = float(total.detach())
-    return total, terms
+def train_config_hash(cfg: TrainConfig, caches: dict[str, Path]) -> str:
+    """Digest of what shapes the trained weights: TrainConfig minus RUNTIME_KEYS, and each
+    cache's config_hash and input_hash attributes."""
+    values: dict[str, Any] = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KEYS}
+    for name, path in caches.items():
+        with h5py.File(path, "r") as h5:
+            values[name] = {k: str(h5.attrs.get(k)) for k in ("config_hash", "input_hash")}
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, train_h5: Path, eval_h5: Path, out_dir: Path,
-                 expected_config_hash: str | None = None) -> None:
+                 expected_config_hash: str | None = None, ctx: DistContext | None = None,
+                 threads: int = 1) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.device = pick_device(cfg.device)
+        self.ctx = ctx = ctx or DistContext()
+        self.device = rank_device(ctx, cfg.device) if ctx.enabled else pick_device(cfg.device)
+        check_num_gpus(cfg.num_gpus, ctx, self.device)
+        self.per_rank_batch = per_rank_batch(cfg.train_batch_size, ctx)
+        self.loader_options = loader_options(self.device, cfg.num_workers, threads)
+        enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         self.train_set = CacheDataset(train_h5, expected_config_hash=expected_config_hash,
                                       photometric=from_imgaug(cfg.imgaug), seed=cfg.seed)
@@ -156,13 +187,24 @@ class Trainer:
                                or cfg.reprojection_log_weight is not None):
             raise ParallaxError("a 3D loss (losses.supervised_*.log_weight) is enabled but some "
                                 "training frames have no calibration; disable it (null)")
+        self.config_hash = train_config_hash(cfg, {"train_cache": Path(train_h5),
+                                                   "eval_cache": Path(eval_h5)})
         views, keypoints = len(self.train_set.view_names), len(self.train_set.keypoint_names)
-        self.model = build_model(cfg.model, cfg.data, views, keypoints).to(self.device)
-        groups = param_groups(self.model)
+        self.net = build_model(cfg.model, cfg.data, views, keypoints).to(self.device)
+        init_process_group(ctx, self.device)
+        self.model = self.net
+        if ctx.enabled:  # every parameter is used unless prefix tokens are dropped
+            unused = getattr(self.net, "keep_prefix_tokens", True) is False
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
+        groups = param_groups(self.net)
         self.optimizer = torch.optim.AdamW(
             [{"params": groups["backbone"], "name": "backbone"},
              {"params": groups["head"] + groups["view_embedding"], "name": "head"}],
             lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scaler = (torch.amp.GradScaler("cuda")
+                       if cfg.precision == "fp16" and self.device.type == "cuda" else None)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.train_batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
         unfreeze = cfg.unfreezing_epoch * self.steps_per_epoch
@@ -173,104 +215,206 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [lambda s: cosine(s) if s >= unfreeze else 0.0, cosine])
         self.step, self.best_val, self.rows = 0, math.inf, []
+        self.scalars: ScalarLog | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
                 "best_val": self.best_val, "rows": self.rows,
-                "init_args": getattr(self.model, "init_args", None),
-                "model_type": self.model.model_type,
+                "init_args": getattr(self.net, "init_args", None),
+                "model_type": self.net.model_type,
                 "view_names": self.train_set.view_names,
                 "keypoint_names": self.train_set.keypoint_names,
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "train_config_hash": self.config_hash,
+                "world_size": self.ctx.world_size}
 
     def save(self, name: str) -> None:
+        """Write a checkpoint and metrics.csv (the main process only)."""
+        if not self.ctx.is_main:
+            return
         with atomic_path(self.out_dir / name) as tmp:
             torch.save(self.state(), tmp)
+        link_or_copy(self.out_dir / name, self.out_dir / RESUME_DIR / name)
         with atomic_path(self.out_dir / "metrics.csv") as tmp:
             pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        if self.scalars is not None:
+            self.scalars.flush()
 
-    def resume(self) -> None:
+    def resume(self) -> bool:
+        """Continue from <out_dir>/last.pt when it exists and was written with this training
+        configuration (same `train_config_hash`); else start from scratch. Every process reads
+        the same file, so all make the same decision."""
         path = self.out_dir / "last.pt"
+        if not path.is_file():  # Snakemake removes the outputs of an incomplete job
+            path = self.out_dir / RESUME_DIR / "last.pt"
         if not path.is_file():
             log.info("no %s: starting from scratch", path)
-            return
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        found = state.get("train_config_hash")
+        if found != self.config_hash:
+            log.warning("%s was written with another training configuration or cache (hash "
+                        "%s, now %s): starting from scratch, not resuming", path, found,
+                        self.config_hash)
+            return False
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val, self.rows = state["step"], state["best_val"], state["rows"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        kept = self.out_dir / RESUME_DIR / "best.pt"
+        if self.ctx.is_main and not (self.out_dir / "best.pt").exists() and kept.is_file():
+            link_or_copy(kept, self.out_dir / "best.pt")  # its val loss is state["best_val"]
         log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _start_fresh(self) -> None:
+        """Remove a previous run's outputs (main process) so that runs never mix."""
+        self.ctx.barrier()  # every process has read last.pt (resume) before it goes
+        if not self.ctx.is_main:
+            return
+        stale = [self.out_dir / name for name in OUTPUTS if (self.out_dir / name).exists()]
+        for path in stale:
+            path.unlink()
+        for folder in (self.out_dir / "tensorboard", self.out_dir / RESUME_DIR):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+                stale.append(folder)
+        if stale:
+            log.info("fresh start: removed %s", ", ".join(p.name for p in stale))
 
     # ------------------------------------------------------------------ loop
     def batches(self, epoch: int, skip: int):
+        """(this process's Shard, its batch) for the steps of `epoch` after `skip`."""
         self.train_set.set_epoch(epoch)
         order = epoch_order(len(self.train_set), self.cfg.seed, epoch)
-        size = self.cfg.train_batch_size
-        sampler = [order[i:i + size] for i in range(0, len(order), size)][skip:]
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler,
-                                           num_workers=self.cfg.num_workers)
+        shards = shard_batches(order, self.cfg.train_batch_size, self.ctx)[skip:]
+        loader = torch.utils.data.DataLoader(PaddedDataset(self.train_set),
+                                             batch_sampler=[s.items for s in shards],
+                                             **self.loader_options)
+        return zip(shards, loader, strict=True)
+
+    def patch_mask(self, shard: Shard, images: torch.Tensor, ratio: float
+                   ) -> torch.Tensor | None:
+        """This process's rows of the global batch's mask (padding rows unmasked)."""
+        if ratio <= 0 or self.net.model_type != "heatmap_multiview_transformer":
+            return None
+        b, v, _, h, w = images.shape
+        p = self.net.patch_size
+        full = sample_patch_mask(shard.size, v, h // p, w // p, ratio,
+                                 mask_generator(self.cfg.seed, self.step))
+        if shard.real == b and shard.size == b:
+            return full.to(self.device)
+        mask = torch.zeros((b, *full.shape[1:]), dtype=torch.bool)
+        mask[:shard.real] = full[shard.start:shard.start + shard.real]
+        return mask.to(self.device)
 
     def validate(self) -> dict[str, float]:
-        if len(self.val_set) == 0:
+        n = len(self.val_set)
+        if n == 0:
             return {}
-        self.model.eval()
-        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg.val_batch_size)
-        sums: dict[str, float] = {}
-        with torch.no_grad(), autocast(self.device, self.cfg.precision):
+        cfg, ctx = self.cfg, self.ctx
+        lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.val_set, range(lo, hi)),
+            batch_size=cfg.val_batch_size, **self.loader_options)
+        weights = term_weights(cfg, 1.0)
+        sums = torch.zeros(2 * len(weights), dtype=torch.float64, device=self.device)
+        self.net.eval()
+        with torch.no_grad():
             for batch in loader:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                _, terms = compute_losses(self.model, batch, self.cfg, 1.0)
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value * len(batch["index"])
-        self.model.train()
-        return {f"val_{k}": v / len(self.val_set) for k, v in sums.items()}
+                batch = to_device(batch, self.device)
+                with self._oom("training.val_batch_size", cfg.val_batch_size, batch):
+                    terms = loss_terms(self.net, batch, cfg,
+                                       amp=autocast(self.device, cfg.precision))
+                sums += term_sums(terms)
+        self.net.train()
+        values = term_values(weights, self.ctx.all_reduce_sum(sums))
+        return {f"val_{k}": v for k, v in values.items()}
+
+    def _oom(self, key: str, size: int, batch: dict[str, torch.Tensor]):
+        _, v, _, h, w = batch["images"].shape
+        per = size // self.ctx.world_size if key.endswith("train_batch_size") else size
+        return oom_hint(key, size, per, v, h, w)
+
+    def _train_step(self, shard: Shard, batch: dict[str, torch.Tensor], ratio: float,
+                    warmup: float) -> dict[str, float]:
+        cfg = self.cfg
+        with self._oom("training.train_batch_size", cfg.train_batch_size, batch):
+            mask = self.patch_mask(shard, batch["images"], ratio)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms = loss_terms(self.model, batch, cfg, mask,
+                               autocast(self.device, cfg.precision))
+            total, values = combine(terms, term_weights(cfg, warmup), self.ctx)
+            if self.scaler is None:
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+            else:
+                self.scaler.scale(total).backward()
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        self.scheduler.step()
+        return values
 
     def fit(self) -> dict[str, float]:
-        cfg, model = self.cfg, self.model
-        model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=None)
+        """Train to total_steps (every process runs the same number of steps, so they all
+        stop together); returns the last row's float values."""
+        main = self.ctx.is_main
+        self.net.train()
+        if self.step == 0:
+            self._start_fresh()
+        if main:
+            self.scalars = ScalarLog(self.out_dir / "tensorboard",
+                                     purge_step=self.step + 1 if self.step else None)
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="train",
+                        disable=None if main else True)
+        try:
+            self._loop(progress)
+        finally:
+            progress.close()
+            if self.scalars is not None:
+                self.scalars.close()
+        self.ctx.barrier()
+        last = self.rows[-1] if self.rows else {}
+        return {k: v for k, v in last.items() if isinstance(v, float)}
+
+    def _loop(self, progress: tqdm) -> None:
+        cfg = self.cfg
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             tick = time.perf_counter()
-            for batch in self.batches(epoch, skip):
+            for shard, batch in self.batches(epoch, skip):
                 data_time = time.perf_counter() - tick
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = to_device(batch, self.device)
                 ratio = mask_ratio(self.step, self.steps_per_epoch, cfg.patch_mask)
-                mask = None
-                if ratio > 0 and model.model_type == "heatmap_multiview_transformer":
-                    b, v, _, h, w = batch["images"].shape
-                    mask = sample_patch_mask(b, v, h // model.patch_size, w // model.patch_size,
-                                             ratio, mask_generator(cfg.seed, self.step),
-                                             device=self.device)
                 warmup = min(1.0, (self.step / self.steps_per_epoch) / cfg.loss_warmup_epochs) \
                     if cfg.loss_warmup_epochs > 0 else 1.0
-                with autocast(self.device, cfg.precision):
-                    total, terms = compute_losses(model, batch, cfg, warmup, mask)
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
+                terms = self._train_step(shard, batch, ratio, warmup)
                 self.step += 1
                 row = {"step": self.step, "epoch": epoch, **terms, "mask_ratio": ratio,
                        "loss_warmup": warmup, "lr": self.optimizer.param_groups[1]["lr"],
                        "lr_backbone": self.optimizer.param_groups[0]["lr"],
                        "data_time": data_time, "step_time": time.perf_counter() - tick}
                 end_of_epoch = self.step % self.steps_per_epoch == 0
-                if end_of_epoch and (epoch + 1) % cfg.check_val_every_n_epoch == 0 \
-                        or self.step == self.total_steps:
+                validated = end_of_epoch and (epoch + 1) % cfg.check_val_every_n_epoch == 0 \
+                    or self.step == self.total_steps
+                if validated:
                     row.update(self.validate())
-                    val = row.get("val_loss", terms["loss"])
-                    if val < self.best_val:
-                        self.best_val = val
-                        self.rows.append(row)
-                        self.save("best.pt")
-                        row = None
-                if row is not None:
-                    self.rows.append(row)
+                self.rows.append(row)
+                if self.scalars is not None:
+                    self.scalars.add(row)
+                val = row.get("val_loss", terms["loss"])
+                if validated and val < self.best_val:
+                    self.best_val = val
+                    self.save("best.pt")
                 progress.update(1)
                 progress.set_postfix(loss=f"{terms['loss']:.4f}", mask=f"{ratio:.2f}")
                 if self.step % cfg.ckpt_every_n_steps == 0 or self.step == self.total_steps:
@@ -278,6 +422,3 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 tick = time.perf_counter()
-        progress.close()
-        last = self.rows[-1] if self.rows else {}
-        return {k: v for k, v in last.items() if isinstance(v, float)}

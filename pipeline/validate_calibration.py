@@ -104,6 +104,10 @@ def image_size_problems(name: str, group: CameraGroup, labels: MultiviewLabels) 
     return problems
 
 
+# a camera needs this many triangulated labels to have its reprojection error checked
+MIN_CHECK_POINTS = 3
+
+
 def _stats(errors: np.ndarray) -> tuple[int, float, float]:
     """(count, median, p90) of the finite values."""
     finite = errors[np.isfinite(errors)]
@@ -225,6 +229,17 @@ def validate(
         arrays[name] = (group, errors_in, errors_out)
     table = pd.concat(tables, ignore_index=True)
     log.info("per-camera reprojection error:\n%s", table.to_string(index=False))
+    for name, rows in table.groupby("calibration", sort=False):
+        few = rows[rows.n_points < MIN_CHECK_POINTS]
+        if len(few):
+            cams = ", ".join(f"'{row.camera}' ({row.n_points})" for row in few.itertuples())
+            problems.append(
+                f"{name}: camera(s) {cams} have fewer than {MIN_CHECK_POINTS} labelled keypoints "
+                f"that are also labelled in another view (min_views {min_views}), so the "
+                f"calibration cannot be checked; label more frames in these views"
+            )
+    if problems:
+        raise ParallaxError("; ".join(problems))
     for name, group in groups.items():
         rows = table[table.calibration == name]
         if (rows.median_px > max_px).any():

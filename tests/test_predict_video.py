@@ -94,7 +94,7 @@ def test_end_to_end_one_row_per_frame(trained, tmp_path):
     assert predict_video.main(cli(trained, out)) == 0
     views = trained["views"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"session0_{v}.csv" for v in views] + ["session0_3d.csv"])
+        [f"session0_{v}.csv" for v in views] + ["session0_3d.csv", "session0_trajectories.png"])
     loaded = load_model(trained["checkpoint"], "cpu")
     videos = session_videos(trained)
     frames = [read_frames(p) for p in videos]  # V x (N, H, W, 3)

@@ -14,9 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "example": {"generate": True, "seed": 1, "sessions": 2, "frames_per_session": 8,
-                "views": 3, "width": 160, "height": 128, "label_noise_px": 0.3},
+                "views": 3, "width": 160, "height": 128, "label_noise_px": 0.3,
+                "video_frames": 6},
     "data": {"data_dir": "results/example", "view_names": None, "csv_file": None,
              "image_resize_dims": {"height": 64, "width": 64}},
+    # the four model variants of config.yaml, a few steps each
+    "training": {"max_steps": 4, "train_batch_size": 4, "ckpt_every_n_steps": 2,
+                 "check_val_every_n_epoch": 1},
 }
 
 
@@ -93,8 +97,14 @@ def test_env_files_exist_and_parse():
         assert "dependencies" in env
 
 
+MODELS = ("singleview", "mvt", "mvt_pm", "mvt_pm_3d")
+#: every section of the HTML report (the categories of workflow/rules/*.smk)
+REPORT_SECTIONS = ("Calibration", "Triangulation", "Augmentation", "Training", "Evaluation",
+                   "Model comparison", "Videos")
+
+
 @pytest.mark.slow
-def test_full_run_rerun_and_single_stage(tmp_path):
+def test_full_run_rerun_report_and_single_stage(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     first = snakemake(tmp_path, config)
     assert first.returncode == 0, first.stderr
@@ -102,15 +112,35 @@ def test_full_run_rerun_and_single_stage(tmp_path):
                 "results/calibration/reprojection_errors.png",
                 "results/triangulation/labels_3d.csv", "results/triangulation/outliers.csv",
                 "results/triangulation/summary.json", "results/cache/splits.csv",
-                "results/cache/train.h5", "results/cache/eval.h5", "results/cache/augment.png"):
+                "results/cache/train.h5", "results/cache/eval.h5", "results/cache/augment.png",
+                "results/comparison/comparison.csv", "results/comparison/comparison.html"):
         assert (tmp_path / out).is_file(), out
+    for model in MODELS:
+        folder = tmp_path / "results" / "models" / model
+        for out in ("best.pt", "last.pt", "metrics.csv", "predictions/predictions_3d.csv",
+                    "evaluation/metrics.json", "evaluation/tables.html",
+                    "evaluation/overlays.png", "videos/session0_3d.csv",
+                    "videos/session1_cam0.csv", "videos/session0_trajectories.png"):
+            assert (folder / out).is_file(), (model, out)
+    comparison = (tmp_path / "results/comparison/comparison.csv").read_text()
+    assert all(model in comparison for model in MODELS), comparison
     for log in ("validate_calibration", "triangulate_labels"):
         assert (tmp_path / "logs" / f"{log}.log").stat().st_size > 0
+
+    report = snakemake(tmp_path, config, "--report", "results/report.html")
+    assert report.returncode == 0, report.stderr
+    html = (tmp_path / "results/report.html").read_text(errors="replace")
+    for section in REPORT_SECTIONS:
+        assert section in html, section
+    for name in ("comparison.html", "tables.html", "training_curves.png", "pck.png",
+                 "overlays.png", "skeleton_3d.png", "augment.png", "reprojection_errors.png",
+                 "session0_trajectories.png"):
+        assert name in html, name
 
     again = snakemake(tmp_path, config, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
-    # a config value only triangulate_labels uses reruns only triangulate_labels
+    # a config value only triangulate_labels uses reruns triangulate_labels and what follows
     changed = write_config(tmp_path / "c2.yaml", triangulation={"outlier_threshold_px": 3.0})
     plan = snakemake(tmp_path, changed, "-n")
     assert plan.returncode == 0, plan.stderr
@@ -118,11 +148,17 @@ def test_full_run_rerun_and_single_stage(tmp_path):
     assert "validate_calibration" not in plan.stdout
     assert "generate_example" not in plan.stdout
 
-    # an augmentation setting reruns the cache only
+    # an augmentation setting reruns the cache and the models, not the triangulation
     changed = write_config(tmp_path / "c3.yaml", augmentation={"copies_per_frame": 1})
     plan = snakemake(tmp_path, changed, "-n")
     assert plan.returncode == 0, plan.stderr
     assert "cache_augmentations" in plan.stdout and "triangulate_labels" not in plan.stdout
+
+    # a prediction setting reruns prediction and evaluation only
+    changed = write_config(tmp_path / "c4.yaml", prediction={"min_confidence": 0.1})
+    plan = snakemake(tmp_path, changed, "-n")
+    assert plan.returncode == 0, plan.stderr
+    assert "predict_labeled" in plan.stdout and "rule train:" not in plan.stdout
 
     single = snakemake(tmp_path, config, "-R", "validate_calibration", "--until",
                        "validate_calibration")

@@ -1,5 +1,6 @@
 # Helpers for the rules: config validation, input functions, code digests. No rules here.
 
+import copy
 import hashlib
 import json
 import re
@@ -26,11 +27,11 @@ CACHE_KEYS = (
     "training.rng_seed_data_pt",
     "training.test_sessions",
 )
-# the config sections training reads; model outputs go to results/models/<model.model_name>/
+# the config sections training reads; model outputs go to results/models/<model>/
 TRAIN_KEYS = ("model", "data", "training", "losses")
-MODEL_NAME = config["model"]["model_name"]
-MODEL_DIR = f"results/models/{MODEL_NAME}"
-TRAIN_GPUS = 1 if config["training"]["device"] in ("cuda", "auto") else 0
+# the sections a `models:` variant may override
+VARIANT_SECTIONS = ("model", "training", "losses")
+CACHE_TRAINING_KEYS = {key.split(".")[1] for key in CACHE_KEYS if key.startswith("training.")}
 
 
 def _check_config():
@@ -50,6 +51,116 @@ def _check_config():
 
 
 _check_config()
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """`base` with `override` merged in, recursively for nested mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _model_configs() -> dict[str, dict]:
+    """name -> the full config of each model variant (base config + the variant's overrides).
+
+    Each merged config is validated again, so a bad value inside a variant is reported with the
+    variant's name; variants may not change what the shared cache was built with.
+    """
+    variants = {name: override for name, override in (config.get("models") or {}).items()
+                if override is not False}
+    variants = variants or {config["model"]["model_name"]: {}}
+    models = {}
+    for name, override in variants.items():
+        if override is True:
+            override = {}
+        clash = CACHE_TRAINING_KEYS & set((override or {}).get("training") or {})
+        if clash:
+            raise WorkflowError(
+                f"config: models.{name}.training overrides {sorted(clash)}, which shape the shared "
+                f"cache; set them in the base training section"
+            )
+        merged = _merge({k: config[k] for k in config if k != "models"}, override or {})
+        merged["model"]["model_name"] = name
+        try:
+            validate(merged, schema="../schemas/config.schema.yaml")
+        except WorkflowError as err:
+            raise WorkflowError(f"config: in models.{name}: {err}") from None
+        models[name] = merged
+    return models
+
+
+MODELS = _model_configs()
+MODEL_NAMES = list(MODELS)
+
+
+def model_config_json(wildcards) -> str:
+    """The model/data/training/losses sections of one variant, as canonical JSON."""
+    merged = MODELS[wildcards.model]
+    return json.dumps({key: merged[key] for key in TRAIN_KEYS}, sort_keys=True)
+
+
+def model_device(name: str) -> str:
+    return MODELS[name]["training"]["device"]
+
+
+def model_gpus(wildcards) -> int:
+    """GPUs a training job asks for: training.num_gpus unless the device is the CPU."""
+    training = MODELS[wildcards.model]["training"]
+    return 0 if training["device"] == "cpu" else training["num_gpus"]
+
+
+def predict_gpus(wildcards) -> int:
+    return 0 if model_device(wildcards.model) == "cpu" else 1
+
+
+def train_command(wildcards, threads) -> str:
+    """`python -m pipeline.train`, or torchrun with one process per GPU when num_gpus > 1."""
+    gpus = model_gpus(wildcards)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train"
+    return "python -m pipeline.train"
+
+
+def _video_sessions() -> list[str]:
+    """Sessions with one video per view in data_dir/video_dir (`<session>_<view>.mp4`)."""
+    if not config["prediction"]["videos"]:
+        return []
+    if EXAMPLE["generate"]:
+        return [f"session{i}" for i in range(EXAMPLE["sessions"])] if EXAMPLE["video_frames"] else []
+    folder = DATA_DIR / DATA["video_dir"]
+    suffix = f"_{VIEWS[0]}.mp4"
+    return sorted(path.name[: -len(suffix)] for path in folder.glob(f"*{suffix}"))
+
+
+VIDEO_SESSIONS = _video_sessions()
+
+
+def video_path(session: str, view: str) -> str:
+    return data_file(f"{DATA['video_dir']}/{session}_{view}.mp4")
+
+
+def session_videos(wildcards) -> list[str]:
+    return [video_path(wildcards.session, view) for view in VIEWS]
+
+
+def session_calibration(wildcards) -> list[str]:
+    """The calibration TOML of a video session (calibrations/<session>.toml, else the shared one)."""
+    if EXAMPLE["generate"]:
+        return [data_file(f"calibrations/{wildcards.session}.toml")]
+    own = DATA_DIR / "calibrations" / f"{wildcards.session}.toml"
+    if own.is_file():
+        return [str(own)]
+    shared = DATA_DIR / "calibration.toml"
+    return [str(shared)] if shared.is_file() else []
+
+
+def skeleton_args() -> str:
+    pairs = DATA.get("skeleton") or []
+    return ("--skeleton " + " ".join(f"'{a}-{b}'" for a, b in pairs)) if pairs else ""
 
 
 def _imports(module: str) -> set[str]:

@@ -6,6 +6,10 @@ if EXAMPLE["generate"]:
         output:
             csv=[data_file(name) for name in DATA["csv_file"]],
             truth=data_file("ground_truth.npz"),
+            calibrations=[
+                data_file(f"calibrations/session{i}.toml") for i in range(EXAMPLE["sessions"])
+            ],
+            videos=[video_path(s, view) for s in VIDEO_SESSIONS for view in VIEWS],
         log:
             "logs/generate_example.log",
         benchmark:

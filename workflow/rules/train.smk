@@ -1,4 +1,4 @@
-# Stage 4: train the heatmap model (multi-view transformer or single-view baseline).
+# Stage 4: train each model variant (multi-view transformer or single-view baseline).
 
 
 rule train:
@@ -6,27 +6,28 @@ rule train:
         train="results/cache/train.h5",
         eval="results/cache/eval.h5",
     output:
-        best=f"{MODEL_DIR}/best.pt",
-        last=f"{MODEL_DIR}/last.pt",
-        metrics=f"{MODEL_DIR}/metrics.csv",
-        config=f"{MODEL_DIR}/config.yaml",
+        best="results/models/{model}/best.pt",
+        last="results/models/{model}/last.pt",
+        metrics="results/models/{model}/metrics.csv",
+        config="results/models/{model}/config.yaml",
     log:
-        f"logs/train/{MODEL_NAME}.log",
+        "logs/train/{model}.log",
     benchmark:
-        f"benchmarks/train/{MODEL_NAME}.tsv"
+        "benchmarks/train/{model}.tsv"
     params:
-        cfg=config_json(*TRAIN_KEYS),
+        cfg=model_config_json,
         cache_cfg=config_json(*CACHE_KEYS),
         out=output_folder,
+        command=train_command,
         code=stage_digest("train"),
     threads: 2
     resources:
         mem_mb=16000,
         runtime=720,
-        gpu=TRAIN_GPUS,
+        gpu=model_gpus,
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train --train-h5 {input.train} --eval-h5 {input.eval} "
+        "{params.command} --train-h5 {input.train} --eval-h5 {input.eval} "
         "--config-json '{params.cfg}' --cache-config-json '{params.cache_cfg}' "
-        "--out-dir {params.out} --threads {threads} > {log} 2>&1"
+        "--out-dir {params.out} --threads {threads} --resume > {log} 2>&1"

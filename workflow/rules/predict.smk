@@ -1,0 +1,88 @@
+# Stage 5a: predictions of each model on the labelled frames and on the session videos.
+
+
+rule predict_labeled:
+    input:
+        unpack(get_dataset_inputs),
+        checkpoint="results/models/{model}/best.pt",
+        splits="results/cache/splits.csv",
+        labels_3d="results/triangulation/labels_3d.csv",
+    output:
+        predictions=expand(
+            "results/models/{{model}}/predictions/predictions_{view}.csv", view=VIEWS
+        ),
+        pixel_error=expand(
+            "results/models/{{model}}/predictions/predictions_{view}_pixel_error.csv",
+            view=VIEWS,
+        ),
+        points_3d="results/models/{model}/predictions/predictions_3d.csv",
+        error_3d="results/models/{model}/predictions/error_3d.csv",
+        view_dropout="results/models/{model}/predictions/view_dropout.csv",
+    log:
+        "logs/predict_labeled/{model}.log",
+    benchmark:
+        "benchmarks/predict_labeled/{model}.tsv"
+    params:
+        dataset=dataset_args(),
+        out=output_folder,
+        batch=config["prediction"]["batch_size"],
+        min_confidence=config["prediction"]["min_confidence"],
+        dropout="" if config["prediction"]["view_dropout"] else "--no-view-dropout",
+        device=lambda wildcards: model_device(wildcards.model),
+        code=stage_digest("predict_labeled"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=predict_gpus,
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.predict_labeled {params.dataset} --checkpoint {input.checkpoint} "
+        "--splits {input.splits} --labels-3d {input.labels_3d} --out-dir {params.out} "
+        "--batch-size {params.batch} --min-confidence {params.min_confidence} {params.dropout} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
+
+
+rule predict_video:
+    input:
+        checkpoint="results/models/{model}/best.pt",
+        videos=session_videos,
+        calibration=session_calibration,
+    output:
+        predictions=expand(
+            "results/models/{{model}}/videos/{{session}}_{view}.csv", view=VIEWS
+        ),
+        points_3d="results/models/{model}/videos/{session}_3d.csv",
+        traces=report(
+            "results/models/{model}/videos/{session}_trajectories.png",
+            caption="../report/video_traces.rst",
+            category="Videos",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/predict_video/{model}/{session}.log",
+    benchmark:
+        "benchmarks/predict_video/{model}/{session}.tsv"
+    params:
+        views=" ".join(VIEWS),
+        out=output_folder,
+        batch=config["prediction"]["batch_size"],
+        min_confidence=config["prediction"]["min_confidence"],
+        labeled="--labeled-video" if config["prediction"]["labeled_videos"] else "",
+        skeleton=skeleton_args(),
+        device=lambda wildcards: model_device(wildcards.model),
+        code=stage_digest("predict_video"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=predict_gpus,
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.predict_video --checkpoint {input.checkpoint} "
+        "--videos {input.videos} --view-names {params.views} --calibration {input.calibration} "
+        "--session {wildcards.session} --out-dir {params.out} --batch-size {params.batch} "
+        "--min-confidence {params.min_confidence} {params.labeled} {params.skeleton} "
+        "--device {params.device} --threads {threads} > {log} 2>&1"
