@@ -53,7 +53,9 @@ class HeatmapHead(nn.Module):
     PixelShuffle(2) (D -> D/4 channels), then `n` ConvTranspose2d(kernel 3, stride 2, padding 1,
     output_padding 1), GELU between them, the last one to K channels. When n = 0 (LP's broken
     `downsample_factor: 3` case, §2) a 1×1 convolution maps D/4 -> K instead. The final layer is
-    Xavier-uniform with gain 0.01 and zero bias, so initial heatmaps are nearly uniform.
+    Xavier-uniform with gain 0.01, so initial heatmaps are nearly uniform. It has no bias: the
+    spatial softmax is invariant to a per-channel constant, so a bias would get an exactly-zero
+    gradient and AdamW would turn float rounding in it into full-size random updates.
     """
 
     def __init__(self, embed_dim: int, num_keypoints: int, patch_size: int,
@@ -69,19 +71,18 @@ class HeatmapHead(nn.Module):
         channels = embed_dim // 4
         layers: list[nn.Module] = [nn.PixelShuffle(2)]
         if n_up == 0:
-            layers.append(nn.Conv2d(channels, num_keypoints, kernel_size=1))
+            layers.append(nn.Conv2d(channels, num_keypoints, kernel_size=1, bias=False))
         for i in range(n_up):
             last = i == n_up - 1
             layers.append(nn.ConvTranspose2d(
                 channels, num_keypoints if last else channels, kernel_size=3, stride=2,
-                padding=1, output_padding=1,
+                padding=1, output_padding=1, bias=not last,
             ))
             if not last:
                 layers.append(nn.GELU())
         self.layers = nn.Sequential(*layers)
         final = layers[-1]
         nn.init.xavier_uniform_(final.weight, gain=0.01)
-        nn.init.zeros_(final.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

@@ -30,7 +30,8 @@ from pipeline.errors import ParallaxError
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
+OOM_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory",
+                "DefaultCPUAllocator: not enough memory")
 
 
 def pick_device(name: str) -> torch.device:

@@ -10,10 +10,11 @@ of valid entries all-reduced over the processes, so a DDP run follows the single
 the same global batch up to float rounding.
 
 Resume: last.pt stores `train_config_hash` (every TrainConfig value that can change the
-result, and the caches' config and input hashes). `resume()` continues only when it matches;
-otherwise it logs why and the run starts from scratch, removing the stale best.pt, last.pt,
-metrics.csv and tensorboard/ first: a run never mixes two configurations, so the rule can
-always pass --resume.
+result, the caches' config and input hashes, and the loaded pipeline code). `resume()`
+continues only when it matches and the run was not finished; otherwise it logs why and the run
+starts from scratch, removing the stale best.pt, last.pt, metrics.csv, tensorboard/ and resume/
+first: a run never mixes two configurations, so the rule can always pass --resume. Checkpoints
+are hard-linked into resume/, which survives Snakemake deleting a killed job's outputs.
 
 Validation: each process evaluates a contiguous shard of the validation set; the sums and
 counts of every term are all-reduced, so val_* are means over the valid entries of the whole
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,14 +155,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train_config_hash(cfg: TrainConfig, caches: dict[str, Path]) -> str:
-    """Digest of what shapes the trained weights: TrainConfig minus RUNTIME_KEYS, and each
-    cache's config_hash and input_hash attributes."""
+    """Digest of what shapes the trained weights: TrainConfig minus RUNTIME_KEYS, each
+    cache's config_hash and input_hash attributes, and the source of the loaded pipeline
+    modules (edited model or loss code never resumes an old run)."""
     values: dict[str, Any] = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KEYS}
+    values["code"] = code_digest()
     for name, path in caches.items():
         with h5py.File(path, "r") as h5:
             values[name] = {k: str(h5.attrs.get(k)) for k in ("config_hash", "input_hash")}
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """Digest of the source files of every imported `pipeline` module."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in sys.modules if n == "pipeline" or n.startswith("pipeline.")):
+        source = getattr(sys.modules[name], "__file__", None)
+        if source and source.endswith(".py") and os.path.isfile(source):
+            digest.update(name.encode() + Path(source).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -259,6 +273,10 @@ class Trainer:
             log.warning("%s was written with another training configuration or cache (hash "
                         "%s, now %s): starting from scratch, not resuming", path, found,
                         self.config_hash)
+            return False
+        if state["step"] >= self.total_steps:
+            log.info("%s is a finished run (step %d of %d): training again from scratch", path,
+                     state["step"], self.total_steps)
             return False
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -30,13 +30,23 @@ def example_views(n: int) -> list[str]:
     return list(view_names_for(n))
 
 
+def merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
 def write_config(path: Path, **overrides) -> Path:
-    config = yaml.safe_load(yaml.safe_dump(TINY))
+    """The repository's config.yaml (its model variants too) shrunk by TINY, plus overrides
+    (merged into each section): with --directory, Snakemake does not find config.yaml."""
+    config = merged(yaml.safe_load((REPO / "config.yaml").read_text()), TINY)
     views = example_views(config["example"]["views"])
     config["data"]["view_names"] = views
     config["data"]["csv_file"] = [f"CollectedData_{v}.csv" for v in views]
     for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
+        config[section] = merged(config.get(section) or {}, values)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -174,6 +184,17 @@ def test_slurm_profile_dry_run(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     assert "validate_calibration" in out and "slurm_partition=<your-partition>" in out
+    jobs = out.split("\nrule ")  # each job's block: its rule name, then its resources
+    train = [job for job in jobs if job.startswith("train:")]
+    video = [job for job in jobs if job.startswith("predict_video:")]
+    assert len(train) == 4 and len(video) == 8, out  # 4 variants; x 2 sessions of videos
+    for job in train:
+        assert "gpu=1" in job and "mem_mb=16000" in job and "runtime=720" in job, job
+    assert all("gpu=1" in job and "mem_mb=8000" in job for job in video)
+    cpu = write_config(tmp_path / "cpu.yaml", training={"device": "cpu"})
+    result = snakemake(tmp_path, cpu, "-n", "--workflow-profile", str(profile))
+    assert result.returncode == 0, result.stderr
+    assert "gpu=1" not in result.stdout + result.stderr  # CPU training asks for no GPU
 
 
 def test_train_target_dry_run(tmp_path):

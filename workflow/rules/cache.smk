@@ -25,6 +25,7 @@ rule cache_augmentations:
         code=stage_digest("cache_augmentations"),
     threads: 1
     resources:
+        cpus_per_task=cpus,
         mem_mb=4000,
         runtime=60,
     conda:

@@ -24,6 +24,7 @@ rule validate_calibration:
         code=stage_digest("validate_calibration"),
     threads: 1
     resources:
+        cpus_per_task=cpus,
         mem_mb=4000,
         runtime=20,
     conda:

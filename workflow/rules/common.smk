@@ -244,3 +244,8 @@ def dataset_args() -> str:
 def output_folder(wildcards, output) -> str:
     """The folder of a rule's first output (the example's dataset, a model's directory)."""
     return str(Path(output[0]).parent)
+
+
+def cpus(wildcards, threads) -> int:
+    """cpus_per_task (SLURM) = the rule's threads, after Snakemake scaled them to --cores."""
+    return threads

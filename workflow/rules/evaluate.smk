@@ -52,6 +52,7 @@ rule evaluate:
         code=stage_digest("evaluate"),
     threads: 1
     resources:
+        cpus_per_task=cpus,
         mem_mb=4000,
         runtime=30,
     conda:
@@ -89,6 +90,7 @@ rule compare_models:
         code=stage_digest("compare_models"),
     threads: 1
     resources:
+        cpus_per_task=cpus,
         mem_mb=2000,
         runtime=10,
     conda:

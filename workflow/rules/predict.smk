@@ -32,6 +32,7 @@ rule predict_labeled:
         code=stage_digest("predict_labeled"),
     threads: 2
     resources:
+        cpus_per_task=cpus,
         mem_mb=8000,
         runtime=120,
         gpu=predict_gpus,
@@ -66,6 +67,9 @@ rule predict_video:
         "benchmarks/predict_video/{model}/{session}.tsv"
     params:
         views=" ".join(VIEWS),
+        calibration=lambda wildcards, input: (
+            f"--calibration {input.calibration}" if input.calibration else ""
+        ),
         out=output_folder,
         batch=config["prediction"]["batch_size"],
         min_confidence=config["prediction"]["min_confidence"],
@@ -75,6 +79,7 @@ rule predict_video:
         code=stage_digest("predict_video"),
     threads: 2
     resources:
+        cpus_per_task=cpus,
         mem_mb=8000,
         runtime=240,
         gpu=predict_gpus,
@@ -82,7 +87,7 @@ rule predict_video:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline.predict_video --checkpoint {input.checkpoint} "
-        "--videos {input.videos} --view-names {params.views} --calibration {input.calibration} "
+        "--videos {input.videos} --view-names {params.views} {params.calibration} "
         "--session {wildcards.session} --out-dir {params.out} --batch-size {params.batch} "
         "--min-confidence {params.min_confidence} {params.labeled} {params.skeleton} "
         "--device {params.device} --threads {threads} > {log} 2>&1"

@@ -22,6 +22,7 @@ rule train:
         code=stage_digest("train"),
     threads: 2
     resources:
+        cpus_per_task=cpus,
         mem_mb=16000,
         runtime=720,
         gpu=model_gpus,

@@ -25,6 +25,7 @@ rule triangulate_labels:
         code=stage_digest("triangulate_labels"),
     threads: 1
     resources:
+        cpus_per_task=cpus,
         mem_mb=4000,
         runtime=20,
     conda:
