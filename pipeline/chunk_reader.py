@@ -28,6 +28,8 @@ try:  # libdeflate: optional, the standard library's zlib is the fallback
     import deflate as _libdeflate
 except ImportError:  # pragma: no cover - depends on the environment
     _libdeflate = None
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, ValueError, RuntimeError) + (
+    (_libdeflate.DeflateError,) if hasattr(_libdeflate, "DeflateError") else ())
 
 FLETCHER_ROW = 1024  # words per row of the checksum's matrix
 FLETCHER_BLOCK = FLETCHER_ROW << 16  # words per pass: its uint32 column sums cannot overflow
@@ -92,7 +94,7 @@ def inflate(data: bytes | memoryview, size: int) -> bytearray | bytes:
             out = _libdeflate.zlib_decompress(data, size)
         else:
             out = zlib.decompress(data, bufsize=size)
-    except (zlib.error, ValueError, RuntimeError) as err:  # DeflateError is a RuntimeError
+    except _INFLATE_ERRORS as err:
         raise ChunkError(f"decompression failed: {err}") from None
     if len(out) != size:
         raise ChunkError(f"chunk inflates to {len(out)} bytes, expected {size}")

@@ -191,9 +191,10 @@ class Trainer:
         enable_tf32(self.device)
         torch.manual_seed(cfg.seed)
         self.train_set = CacheDataset(train_h5, expected_config_hash=expected_config_hash,
-                                      photometric=from_imgaug(cfg.imgaug), seed=cfg.seed)
+                                      photometric=from_imgaug(cfg.imgaug), seed=cfg.seed,
+                                      normalize=False)
         self.val_set = CacheDataset(eval_h5, expected_config_hash=expected_config_hash,
-                                    sets=("val",))
+                                    sets=("val",), normalize=False)
         if len(self.train_set) == 0:
             raise ParallaxError(f"{train_h5}: no training samples")
         calibrated = bool(self.train_set.meta["calibration_index"].min() >= 0)

@@ -6,7 +6,19 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import chunk_reader
 from pipeline.chunk_reader import ChunkError, ChunkReader, fletcher32
+
+
+@pytest.fixture(autouse=True, params=["libdeflate", "zlib"])
+def inflater(request, monkeypatch):
+    """Every test with libdeflate (when installed) and with the standard library's zlib."""
+    if request.param == "zlib":
+        monkeypatch.setattr(chunk_reader, "_libdeflate", None)
+    elif chunk_reader._libdeflate is None:
+        pytest.skip("the deflate package is not installed")
+    assert chunk_reader.inflater() == request.param
+    return request.param
 
 
 def make(path, data: np.ndarray, **filters) -> None:
