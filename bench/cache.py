@@ -27,16 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import cache_config, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## Cache (bench/cache.py)"
-CONFIG = {
-    "data.image_resize_dims": {"height": 256, "width": 256},
-    "augmentation": {"copies_per_frame": 2, "scale_range": [0.8, 1.2], "translate_frac": 0.25,
-                     "rotate_deg": 0.0, "vertical_axis": [0.0, 0.0, 1.0]},
-    "training.imgaug_3d": True, "training.train_prob": 0.8, "training.val_prob": 0.1,
-    "training.rng_seed_data_pt": 0, "training.test_sessions": [],
-}
+CONFIG = cache_config(256, 2)
 
 
 def run(cmd: list[str]) -> None:
@@ -235,13 +231,7 @@ def main() -> None:
     ])
     print(table)
     if args.write:
-        path = REPO / "bench" / "RESULTS.md"
-        text = path.read_text()
-        start = text.find(SECTION)
-        if start >= 0:
-            end = text.find("\n## ", start + len(SECTION))
-            text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-        path.write_text(text.rstrip("\n") + f"\n\n{SECTION}\n\n{table}\n")
+        write_section(SECTION, table)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Video prediction (bench/predict.py)"
 MOUSE = REPO.parent / "shared" / "data" / "mouse-4cam"
@@ -200,7 +202,6 @@ def table(rows: list[dict], session_rows: list[dict], args: argparse.Namespace) 
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return (
-        f"{SECTION}\n\n"
         "Stage code path (`predict_video.predict_session` + `write_outputs`) on CPU, "
         f"{args.threads} threads (torch, OpenCV, BLAS), batch {args.batch_size} frame "
         "instants, ViT-S/16 MVT (`vit_small_patch16_224`, random init, dynamic image size, 4 "
@@ -214,18 +215,6 @@ def table(rows: list[dict], session_rows: list[dict], args: argparse.Namespace) 
         f"- python {platform.python_version()}, numpy {np.__version__}, torch "
         f"{torch.__version__}, opencv {cv2.__version__}\n"
     )
-
-
-def write_section(text: str) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
-    path.write_text(new)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -264,7 +253,7 @@ def main(args: argparse.Namespace) -> None:
     text = table(rows, session_rows, args)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import cache_config, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## Training step (bench/train.py)"
@@ -86,14 +88,7 @@ def build_cache(root: Path, views: int, size: int, frames: int = 16) -> Path:
                                         "--summary", str(data / "s.json")])
         assert code == 0, "triangulate_labels failed"
     out = root / f"cache_v{views}_{size}"
-    config = {
-        "data.image_resize_dims": {"height": size, "width": size},
-        "augmentation": {"copies_per_frame": 1, "scale_range": [0.8, 1.2],
-                         "translate_frac": 0.25, "rotate_deg": 0.0,
-                         "vertical_axis": [0.0, 0.0, 1.0], "image_compression": "gzip"},
-        "training.imgaug_3d": True, "training.train_prob": 0.8, "training.val_prob": 0.1,
-        "training.rng_seed_data_pt": 0, "training.test_sessions": [],
-    }
+    config = cache_config(size, 1)
     outputs = []
     for key, name in (("splits", "splits.csv"), ("train", "train.h5"), ("eval", "eval.h5"),
                       ("picture", "a.png")):
@@ -412,17 +407,10 @@ def scaling_report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(title: str, body: str, info: dict[str, str]) -> None:
-    text = (f"{body}\n- date: {info['date']}; CPU: {info['cpu']}, {info['cores']} cores "
-            f"available (shared); bf16 instructions: {info['bf16']}; torch {info['torch']}; "
-            f"python {platform.python_version()}")
-    path = REPO / "bench" / "RESULTS.md"
-    old = path.read_text()
-    start = old.find(title)
-    if start >= 0:
-        end = old.find("\n## ", start + len(title))
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + f"\n\n{title}\n\n{text}\n")
+def write_results(title: str, body: str, info: dict[str, str]) -> None:
+    write_section(title, f"{body}\n- date: {info['date']}; CPU: {info['cpu']}, {info['cores']} "
+                  f"cores available (shared); bf16 instructions: {info['bf16']}; torch "
+                  f"{info['torch']}; python {platform.python_version()}")
 
 
 def main() -> None:
@@ -449,7 +437,7 @@ def main() -> None:
             title, body = SECTION, step_report(res, args.repeats)
     print(body)
     if args.write:
-        write_section(title, body, info)
+        write_results(title, body, info)
 
 
 if __name__ == "__main__":

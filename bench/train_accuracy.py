@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import cache_config, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## Training accuracy (bench/train_accuracy.py)"
@@ -47,14 +49,7 @@ def main() -> None:
                 "--csv-files", *[f"CollectedData_{v}.csv" for v in views]]
         assert triangulate_labels.main([*data, "--points", str(tmp / "l.csv"), "--outliers",
                                         str(tmp / "o.csv"), "--summary", str(tmp / "s.json")]) == 0
-        cache = {
-            "data.image_resize_dims": {"height": 128, "width": 128},
-            "augmentation": {"copies_per_frame": 2, "scale_range": [0.8, 1.2],
-                             "translate_frac": 0.25, "rotate_deg": 0.0,
-                             "vertical_axis": [0.0, 0.0, 1.0], "image_compression": "gzip"},
-            "training.imgaug_3d": True, "training.train_prob": 0.8, "training.val_prob": 0.1,
-            "training.rng_seed_data_pt": 0, "training.test_sessions": [],
-        }
+        cache = cache_config(128, 2)
         outputs = []
         for key, name in (("splits", "splits.csv"), ("train", "train.h5"), ("eval", "eval.h5"),
                           ("picture", "a.png")):
@@ -96,13 +91,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        path = REPO / "bench" / "RESULTS.md"
-        text = path.read_text()
-        start_at = text.find(SECTION)
-        if start_at >= 0:
-            end = text.find("\n## ", start_at + len(SECTION))
-            text = text[:start_at] + (text[end + 1:] if end >= 0 else "")
-        path.write_text(text.rstrip("\n") + f"\n\n{SECTION}\n\n{table}\n")
+        write_section(SECTION, table)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Triangulation (bench/triangulate.py)"
 
@@ -256,23 +258,8 @@ def main() -> None:
     print()
     print(table)
     if args.write:
-        write_section(REPO / "bench" / "RESULTS.md", table)
+        write_section(SECTION, table)
 
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body}\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
