@@ -261,6 +261,5 @@ def main() -> None:
         write_section(SECTION, table)
 
 
-
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pipeline.cache import files_hash
 from pipeline.cache_dataset import CacheDataset
 from pipeline.distributed import (
     DistContext,
@@ -86,6 +87,7 @@ OUTPUTS = ("best.pt", "last.pt", "metrics.csv")
 #: hard links to the latest best.pt and last.pt: Snakemake deletes a killed job's declared
 #: outputs before `--rerun-incomplete` runs it again, these survive and the run resumes
 RESUME_DIR = "resume"
+PACKAGE_DIR = Path(__file__).resolve().parent  # the `pipeline` package, for code_digest
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -169,12 +171,10 @@ def train_config_hash(cfg: TrainConfig, caches: dict[str, Path]) -> str:
 
 def code_digest() -> str:
     """Digest of the source files of every imported `pipeline` module."""
-    digest = hashlib.sha256()
-    for name in sorted(n for n in sys.modules if n == "pipeline" or n.startswith("pipeline.")):
-        source = getattr(sys.modules[name], "__file__", None)
-        if source and source.endswith(".py") and os.path.isfile(source):
-            digest.update(name.encode() + Path(source).read_bytes())
-    return digest.hexdigest()[:16]
+    sources = [module.__file__ for name, module in sorted(sys.modules.items())
+               if (name == "pipeline" or name.startswith("pipeline."))
+               and str(getattr(module, "__file__", "")).endswith(".py")]
+    return files_hash(sources, PACKAGE_DIR)
 
 
 # ---------------------------------------------------------------------------- trainer
