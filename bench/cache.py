@@ -17,17 +17,14 @@ For the synthetic example at a realistic size (4 views, 640x512 -> 256x256) and,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from results import cache_config, write_section
+from results import cache_config, machine_lines, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,11 +42,11 @@ def build(data: Path, views: list[str], out: Path) -> tuple[float, float]:
     """Triangulate + build the cache in a child process: (seconds, peak RSS MiB of the build)."""
     args = ["--data-dir", str(data), "--view-names", *views,
             "--csv-files", *[f"CollectedData_{v}.csv" for v in views]]
-    run([sys.executable, "-m", "pipeline.triangulate_labels", *args, "--points",
+    run([sys.executable, "-m", "pipeline.stages.triangulate_labels", *args, "--points",
          str(out / "labels_3d.csv"), "--outliers", str(out / "o.csv"), "--summary",
          str(out / "t.json")])
     code = (  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's at fork)
-        "import re, sys; from pipeline.cache_augmentations import main; "
+        "import re, sys; from pipeline.stages.cache_augmentations import main; "
         "code = main(sys.argv[1:]); status = open('/proc/self/status').read(); "
         "print(re.search(r'VmHWM:\\s+(\\d+)', status).group(1)); sys.exit(code)"
     )
@@ -71,9 +68,9 @@ def loader_rate(path: Path, workers: int, n: int, normalize: bool = False,
     library's inflater instead of libdeflate, only with workers=0)."""
     import torch
 
-    from pipeline import chunk_reader
-    from pipeline.cache_dataset import CacheDataset
-    from pipeline.photometric import PhotometricConfig
+    from pipeline.data.cache import chunks as chunk_reader
+    from pipeline.data.cache.torch_dataset import CacheDataset
+    from pipeline.data.photometric import PhotometricConfig
 
     if zlib:
         kept, chunk_reader._libdeflate = chunk_reader._libdeflate, None
@@ -122,13 +119,13 @@ def on_the_fly_rate(data: Path, views: list[str], out: Path, n: int) -> float:
     import numpy as np
     import torch
 
-    from pipeline import augment3d as aug
-    from pipeline import cache_augmentations as stage
-    from pipeline.cache_build import Planned, build_sample, read_image
-    from pipeline.cache_dataset import rgb_planes
-    from pipeline.dataset import load_labels
-    from pipeline.photometric import PhotometricConfig, photometric
-    from pipeline.triangulation import load_calibrations
+    from pipeline.data import augment3d as aug
+    from pipeline.data.cache.build import Planned, build_sample
+    from pipeline.data.images import read_image, rgb_planes
+    from pipeline.data.photometric import PhotometricConfig, photometric
+    from pipeline.data.project import load_labels
+    from pipeline.data.triangulate import load_calibrations
+    from pipeline.stages import cache_augmentations as stage
 
     labels = load_labels(data, views, [f"CollectedData_{v}.csv" for v in views])
     groups = load_calibrations(labels)
@@ -150,20 +147,6 @@ def on_the_fly_rate(data: Path, views: list[str], out: Path, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def machine() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "?")
-    import cv2
-    import h5py
-    import numpy
-    import torch
-
-    cores = len(os.sched_getaffinity(0))
-    return [f"- date: {datetime.date.today()}; CPU: {cpu}, {cores} cores available (shared); "
-            f"python {platform.python_version()}, numpy {numpy.__version__}, "
-            f"opencv {cv2.__version__}, torch {torch.__version__}, h5py {h5py.__version__}"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=160)
@@ -172,7 +155,8 @@ def main() -> None:
     import cv2
     import torch
 
-    from pipeline.example import generate_example, view_names_for
+    from pipeline.stages.generate_example import view_names_for
+    from pipeline.synthetic.generate import generate_example
 
     # one thread per process for both paths (what DataLoader workers get): on shared, busy cores
     # torch's and OpenCV's thread pools otherwise spend most of their time waiting for each other
@@ -227,7 +211,7 @@ def main() -> None:
         "sensor noise compresses only 1.8:1 and inflates slowest); LZF is no faster here and "
         "its output is not byte-reproducible. The speed-up grows with the source resolution "
         "(decoding and warping full frames is what the cache saves).",
-        *machine(),
+        *machine_lines(),
     ])
     print(table)
     if args.write:

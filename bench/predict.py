@@ -5,13 +5,15 @@
 
 Model: a ViT-S/16 multi-view transformer (`vit_small_patch16_224`, dynamic image size, random
 init, 4 views, heatmap stride 4), saved as a checkpoint and loaded with
-`pipeline.inference.load_model`, so the stage's own code runs: `predict_video.predict_session`
+`pipeline.inference.predictor.load_model`, so the stage's own code runs:
+`predict_video.predict_session`
 (decode, prepare, predict) and `predict_video.write_outputs` (triangulation, CSV writing).
 Videos: ../shared/data/mouse-4cam/videos (4 x 1280x1024 H.264, the first --max-frames of its
 120 frames; skipped with a message when absent) and a synthetic example (4 x 640x512 mp4v,
-`pipeline.example`). Steps, per frame instant (all 4 views): decode (OpenCV), prepare
+`pipeline.stages.generate_example`). Steps, per frame instant (all 4 views): decode (OpenCV),
+prepare
 (`prepare_views`: anti-alias blur + warpAffine to the model size), forward (normalisation +
-the network), heatmap decode (`heads.decode_heatmaps`), 3D (confidence-weighted DLT), CSV (2D
+the network), heatmap decode (`decoding.decode_heatmaps`), 3D (confidence-weighted DLT), CSV (2D
 + pose-3d tables). Best run of --repeats after a warm-up.
 Throughput vs number of sessions: 1, 2, 4 synthetic sessions run one after the other in one
 process with the model loaded once (what one `predict_video` job per session does, minus the
@@ -66,23 +68,25 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import inference, predict_video  # noqa: E402
-from pipeline.calibration_io import read_calibration  # noqa: E402
-from pipeline.example import generate_example  # noqa: E402
-from pipeline.labels_io import read_label_csv  # noqa: E402
-from pipeline.model import MultiviewTransformer  # noqa: E402
-from pipeline.predict_video import output_paths, predict_session, write_outputs  # noqa: E402
-from pipeline.video_io import check_synchronised  # noqa: E402
+from pipeline.inference import predictor  # noqa: E402
+from pipeline.inference.video import predict_session  # noqa: E402
+from pipeline.io.calibration_toml import read_calibration  # noqa: E402
+from pipeline.io.labels_csv import read_label_csv  # noqa: E402
+from pipeline.io.video import check_synchronised  # noqa: E402
+from pipeline.models.model import MultiviewTransformer  # noqa: E402
+from pipeline.stages import predict_video  # noqa: E402
+from pipeline.stages.generate_example import generate_example  # noqa: E402
+from pipeline.stages.predict_video import output_paths, write_outputs  # noqa: E402
 
 STEPS = ("decode", "prepare", "forward", "heatmaps", "triangulate", "write")
 
 
 class DecodeTimer:
-    """Wraps `inference.decode_heatmaps` to add up its time (split out of predict's time)."""
+    """Wraps `predictor.decode_heatmaps` to add up its time (split out of predict's time)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.original = inference.decode_heatmaps
+        self.original = predictor.decode_heatmaps
 
     def __call__(self, *args, **kwargs):
         tic = time.perf_counter()
@@ -150,10 +154,10 @@ def bench_dataset(label: str, sessions, keypoints: list[str], views: list[str], 
     rows = []
     for size in args.sizes:
         tic = time.perf_counter()
-        loaded = inference.load_model(make_checkpoint(folder, size, views, keypoints), "cpu")
+        loaded = predictor.load_model(make_checkpoint(folder, size, views, keypoints), "cpu")
         load_s = time.perf_counter() - tic
         warm = np.zeros((1, len(views), size, size, 3), np.uint8)
-        inference.predict(loaded, warm, inference.aug.identity(len(views))[None])
+        predictor.predict(loaded, warm, predictor.aug.identity(len(views))[None])
         seconds, frames, steps = best_of(
             args.repeats,
             lambda loaded=loaded: run_sessions(loaded, sessions, folder / "out",
@@ -221,7 +225,7 @@ def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     timer = DecodeTimer()
-    inference.decode_heatmaps = timer
+    predictor.decode_heatmaps = timer
     limit_frames(args.max_frames)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,7 +244,7 @@ def main(args: argparse.Namespace) -> None:
         rows += bench_dataset("synthetic 4 x 640x512 (mp4v)", sessions, keypoints, views,
                               folder, args, timer)
         short, _, _ = synthetic(folder / "short", n_sessions, args.session_frames)
-        loaded = inference.load_model(make_checkpoint(folder, args.sessions_size, views,
+        loaded = predictor.load_model(make_checkpoint(folder, args.sessions_size, views,
                                                       keypoints), "cpu")
         session_rows = []
         for k in (1, 2, 4):

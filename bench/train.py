@@ -6,7 +6,7 @@
 Model: `build_model` with model_type heatmap_multiview_transformer and backbone
 `vit_small_patch16_224` (ViT-S/16, random init, dynamic image size), V=4 views, batch 2, both 3D
 losses on (log_weight 0), patch masking at ratio 0.5, AdamW + grad clipping, i.e. the step of
-`pipeline.trainer.Trainer.fit` built from its own pieces (`compute_losses`, `autocast`,
+`pipeline.training.trainer.Trainer.fit` built from its own pieces (`compute_losses`, `autocast`,
 `param_groups`, `sample_patch_mask`). Data: a real HDF5 cache of the synthetic example read
 through `CacheDataset` (photometric augmentation on) and a DataLoader with 0 workers, as the
 trainer's default. Everything runs on 2 torch threads.
@@ -25,18 +25,16 @@ after building the model for reference.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from results import cache_config, write_section
+from results import build_cache, machine, vm_kib, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,57 +44,6 @@ THREADS = 2
 BACKBONE = "vit_small_patch16_224"
 MASK_RATIO = 0.5
 PHASES = ("data", "mask", "forward", "backward", "optimizer")
-
-
-# ----------------------------------------------------------------------------- machine
-def machine() -> dict[str, str]:
-    import torch
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set((re.search(r"flags\s*:\s*(.*)", info) or re.search("()", "")).group(1).split())
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": str(len(os.sched_getaffinity(0))),
-        "bf16": ", ".join(bf16) if bf16 else "none (no avx512_bf16 / amx_bf16)",
-        "torch": torch.__version__,
-        "date": str(datetime.date.today()),
-    }
-
-
-def vm_kib(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
-
-
-# ----------------------------------------------------------------------------- data
-def build_cache(root: Path, views: int, size: int, frames: int = 16) -> Path:
-    """Synthetic example (1 session, 640x512 frames) -> triangulation -> cache at size x size."""
-    from pipeline import cache_augmentations, triangulate_labels
-    from pipeline.example import generate_example, view_names_for
-
-    data = root / f"example_v{views}"
-    names = list(view_names_for(views))
-    args = ["--data-dir", str(data), "--view-names", *names,
-            "--csv-files", *[f"CollectedData_{v}.csv" for v in names]]
-    if not (data / "labels_3d.csv").exists():
-        generate_example(data, n_sessions=1, frames_per_session=frames, n_views=views,
-                         image_size=(640, 512), label_noise_px=0.5)
-        code = triangulate_labels.main([*args, "--points", str(data / "labels_3d.csv"),
-                                        "--outliers", str(data / "o.csv"),
-                                        "--summary", str(data / "s.json")])
-        assert code == 0, "triangulate_labels failed"
-    out = root / f"cache_v{views}_{size}"
-    config = cache_config(size, 1)
-    outputs = []
-    for key, name in (("splits", "splits.csv"), ("train", "train.h5"), ("eval", "eval.h5"),
-                      ("picture", "a.png")):
-        outputs += [f"--{key}", str(out / name)]
-    code = cache_augmentations.main([*args, "--labels-3d", str(data / "labels_3d.csv"),
-                                     "--config-json", json.dumps(config), *outputs])
-    assert code == 0, "cache_augmentations failed"
-    return out / "train.h5"
 
 
 def batches(dataset, batch: int):
@@ -120,10 +67,10 @@ class Step:
     def __init__(self, h5: Path, size: int, batch: int) -> None:
         import torch
 
-        from pipeline.cache_dataset import CacheDataset
-        from pipeline.model import build_model, param_groups
-        from pipeline.photometric import from_imgaug
-        from pipeline.trainer import TrainConfig
+        from pipeline.data.cache.torch_dataset import CacheDataset
+        from pipeline.data.photometric import from_imgaug
+        from pipeline.models.model import build_model, param_groups
+        from pipeline.training.config import TrainConfig
 
         self.cfg = TrainConfig(
             model={"model_type": "heatmap_multiview_transformer", "backbone": BACKBONE},
@@ -144,7 +91,7 @@ class Step:
     def run(self, precision: str = "fp32") -> dict[str, float]:
         import torch
 
-        from pipeline.masking import mask_generator, sample_patch_mask
+        from pipeline.models.masking import mask_generator, sample_patch_mask
 
         model, clock = self.model, time.perf_counter
         t0 = clock()
@@ -170,7 +117,7 @@ class Step:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from pipeline.masking import mask_generator, sample_patch_mask
+        from pipeline.models.masking import mask_generator, sample_patch_mask
 
         aten = torch.ops.aten
         custom = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward_flops,
@@ -192,9 +139,9 @@ def step_loss(model, batch, cfg, mask, precision: str):
     """The trainer's loss: its forward under autocast, the 3D losses in fp32, one process."""
     import torch
 
-    from pipeline.distributed import DistContext
-    from pipeline.train_losses import combine, loss_terms, term_weights
-    from pipeline.trainer import autocast
+    from pipeline.training.distributed import DistContext
+    from pipeline.training.objective import combine, loss_terms, term_weights
+    from pipeline.training.trainer import autocast
 
     terms = loss_terms(model, batch, cfg, mask, autocast(torch.device("cpu"), precision))
     return combine(terms, term_weights(cfg, 1.0), DistContext())[0]
@@ -240,7 +187,7 @@ def masking_ms(repeats: int = 200) -> dict[str, float]:
     in the model's embedding, at B=2, V=4, 256 px, ratio 0.5."""
     import torch
 
-    from pipeline.masking import apply_patch_mask, mask_generator, sample_patch_mask
+    from pipeline.models.masking import apply_patch_mask, mask_generator, sample_patch_mask
 
     images = torch.randn(2, 4, 3, 256, 256)
     masks = [sample_patch_mask(2, 4, 16, 16, MASK_RATIO, mask_generator(0, s)) for s in range(8)]

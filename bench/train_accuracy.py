@@ -36,9 +36,11 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from pipeline import cache_augmentations, triangulate_labels
-    from pipeline.example import generate_example, view_names_for
-    from pipeline.trainer import TrainConfig, Trainer
+    from pipeline.stages import cache_augmentations, triangulate_labels
+    from pipeline.stages.generate_example import view_names_for
+    from pipeline.synthetic.generate import generate_example
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.trainer import Trainer
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

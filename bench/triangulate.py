@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.cameras import Camera, CameraGroup  # noqa: E402
-from pipeline.dlt import triangulate_dlt_normalized  # noqa: E402
+from pipeline.geometry.cameras import Camera, CameraGroup  # noqa: E402
+from pipeline.geometry.dlt import triangulate_dlt_normalized  # noqa: E402
 
 
 def make_scene(args: argparse.Namespace) -> tuple[CameraGroup, np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ def mouse_dir() -> Path:
 @pytest.fixture(scope="session")
 def example_dir(tmp_path_factory) -> Path:
     """A small noise-free synthetic dataset (read-only: copy it before mutating)."""
-    from pipeline.example import generate_example
+    from pipeline.synthetic.generate import generate_example
 
     out = tmp_path_factory.mktemp("example") / "data"
     generate_example(out, seed=3, n_sessions=2, frames_per_session=10, n_views=3,

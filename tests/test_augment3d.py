@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import augment3d as aug
-from pipeline.cameras import Camera, CameraGroup
+from pipeline.data import augment3d as aug
+from pipeline.geometry.cameras import Camera, CameraGroup
 
 
 def similarity(scale: float, degrees: float, shift) -> np.ndarray:

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache_augmentations, triangulate_labels
-from pipeline.augment3d import apply_affine, compose, invert
-from pipeline.cache import config_hash, open_checked, verify
-from pipeline.cache_build import warp_image
-from pipeline.cache_dataset import IMAGENET_MEAN, IMAGENET_STD, CacheDataset
-from pipeline.cameras import Camera, CameraGroup
-from pipeline.errors import ParallaxError
-from pipeline.example import KEYPOINT_COLOURS
-from pipeline.photometric import PhotometricConfig, from_imgaug, photometric
+from pipeline.core.errors import ParallaxError
+from pipeline.core.hashing import config_hash
+from pipeline.data.augment3d import apply_affine, compose, invert
+from pipeline.data.cache.format import open_checked, verify
+from pipeline.data.cache.torch_dataset import CacheDataset
+from pipeline.data.images import IMAGENET_MEAN, IMAGENET_STD, warp_image
+from pipeline.data.photometric import PhotometricConfig, from_imgaug, photometric
+from pipeline.geometry.cameras import Camera, CameraGroup
+from pipeline.stages import cache_augmentations, triangulate_labels
+from pipeline.stages.generate_example import KEYPOINT_COLOURS
 from tests.conftest import dataset_cli_args
 
 SIZE = 64  # model image side; the example's frames are 160x128

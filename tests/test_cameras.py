@@ -1,5 +1,6 @@
-"""pipeline.cameras: projection and undistortion against OpenCV, triangulation against an SVD
-reference, TOML I/O and its error messages, and a sanity check on the real mouse recording."""
+"""pipeline.geometry.cameras: projection and undistortion against OpenCV, triangulation against
+an SVD reference, TOML I/O and its error messages, and a sanity check on the real mouse
+recording."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.cameras import (
+from pipeline.core.errors import ParallaxError
+from pipeline.geometry.cameras import (
     Camera,
     CameraGroup,
     Triangulation,
     rodrigues,
 )
-from pipeline.dlt import triangulate_dlt_normalized
-from pipeline.errors import ParallaxError
+from pipeline.geometry.dlt import triangulate_dlt_normalized
+from pipeline.io.calibration_toml import read_calibration, write_calibration
 
 K = np.array([[1200.0, 0.0, 641.3], [0.0, 1185.0, 509.8], [0.0, 0.0, 1.0]])
 # strong but monotonic inside the image (and a bit beyond)
@@ -296,14 +298,14 @@ def test_dump_load_round_trip_is_bit_exact(tmp_path):
                 "nested": {"x": [1.5, 2]}}
     group = CameraGroup(cameras=tuple(cams), metadata=metadata)
     path = tmp_path / "calibration.toml"
-    group.dump(path)
-    loaded = CameraGroup.load(path)
+    write_calibration(group, path)
+    loaded = read_calibration(path)
     assert loaded == group and loaded.metadata == metadata
     for a, b in zip(loaded.cameras, group.cameras, strict=True):
         for key in ("matrix", "dist", "rvec", "tvec"):
             assert getattr(a, key).tobytes() == getattr(b, key).tobytes()
     again = tmp_path / "again.toml"
-    loaded.dump(again)
+    write_calibration(loaded, again)
     assert again.read_bytes() == path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.toml", "calibration.toml"]
 
@@ -311,13 +313,13 @@ def test_dump_load_round_trip_is_bit_exact(tmp_path):
 def test_cam_tables_sorted_numerically(tmp_path):
     group = ring_group(12)
     path = tmp_path / "calibration.toml"
-    group.dump(path)
+    write_calibration(group, path)
     chunks = re.split(r"\n(?=\[)", path.read_text())
     assert chunks[2].startswith("[cam_2]") and chunks[10].startswith("[cam_10]")
     chunks.sort(key=lambda chunk: chunk[1:chunk.index("]")])  # cam_0 cam_1 cam_10 cam_11 cam_2
     assert chunks[2].startswith("[cam_10]")
     path.write_text("\n".join(chunks))
-    assert CameraGroup.load(path).names == group.names
+    assert read_calibration(path).names == group.names
 
 
 def write_mouse_like(tmp_path: Path) -> Path:
@@ -326,7 +328,7 @@ def write_mouse_like(tmp_path: Path) -> Path:
                                                                 ["back", "mid", "side"],
                                                                 strict=True)]
     path = tmp_path / "calib.toml"
-    CameraGroup(cameras=tuple(cams), metadata={"error": 0.4}).dump(path)
+    write_calibration(CameraGroup(cameras=tuple(cams), metadata={"error": 0.4}), path)
     return path
 
 
@@ -356,7 +358,7 @@ def test_malformed_calibration_names_file_and_camera(tmp_path, case):
     assert old in text
     path.write_text(text.replace(old, new, 1))
     with pytest.raises(ParallaxError) as err:
-        CameraGroup.load(path)
+        read_calibration(path)
     message = str(err.value)
     for needle in ["calib.toml", *needles]:
         assert needle in message, message
@@ -366,33 +368,33 @@ def test_third_row_message_format(tmp_path):
     path = write_mouse_like(tmp_path)
     path.write_text(path.read_text().replace("[0.0, 0.0, 1.0]]", "[1451.1, 993.0, 1.0]]", 3))
     with pytest.raises(ParallaxError) as err:
-        CameraGroup.load(path)
+        read_calibration(path)
     assert str(err.value) == (f"{path}: camera 'back' ([cam_0]): K third row is "
                               "[1451.1, 993.0, 1.0], expected [0, 0, 1]")
 
 
 def test_view_names_checked_by_name(tmp_path):
     path = write_mouse_like(tmp_path)
-    assert CameraGroup.load(path, ["back", "mid", "side"]).names == ("back", "mid", "side")
+    assert read_calibration(path, ["back", "mid", "side"]).names == ("back", "mid", "side")
     with pytest.raises(ParallaxError) as err:
-        CameraGroup.load(path, ["back", "mid", "side", "top"])
+        read_calibration(path, ["back", "mid", "side", "top"])
     assert "calib.toml" in str(err.value) and "'top'" in str(err.value)
     with pytest.raises(ParallaxError) as err:
-        CameraGroup.load(path, ["mid", "back", "side"])
+        read_calibration(path, ["mid", "back", "side"])
     message = str(err.value)
     assert "['back', 'mid', 'side']" in message and "['mid', 'back', 'side']" in message
     with pytest.raises(ParallaxError) as err:
-        CameraGroup.load(path, ["back", "mid"])
+        read_calibration(path, ["back", "mid"])
     assert "'side'" in str(err.value) and "[cam_2]" in str(err.value)
 
 
 def test_missing_file_and_no_cameras(tmp_path):
     with pytest.raises(ParallaxError, match="nothere.toml"):
-        CameraGroup.load(tmp_path / "nothere.toml")
+        read_calibration(tmp_path / "nothere.toml")
     empty = tmp_path / "empty.toml"
     empty.write_text("[metadata]\n")
     with pytest.raises(ParallaxError, match="empty.toml"):
-        CameraGroup.load(empty)
+        read_calibration(empty)
 
 
 def test_constructor_validates():
@@ -409,18 +411,18 @@ def test_constructor_validates():
 
 # ------------------------------------------------------------------ real data
 def test_real_calibration_loads(mouse_dir, tmp_path):
-    group = CameraGroup.load(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS)
+    group = read_calibration(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS)
     assert group.names == tuple(MOUSE_VIEWS) and group.metadata == {}
     assert all(cam.size == (1280, 1024) and cam.dist.size == 5 for cam in group.cameras)
     with pytest.raises(ParallaxError, match="calibration.toml"):
-        CameraGroup.load(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS[::-1])
-    group.dump(tmp_path / "copy.toml")
-    assert CameraGroup.load(tmp_path / "copy.toml") == group
+        read_calibration(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS[::-1])
+    write_calibration(group, tmp_path / "copy.toml")
+    assert read_calibration(tmp_path / "copy.toml") == group
 
 
 def test_real_labels_reprojection(mouse_dir):
     pd = pytest.importorskip("pandas")
-    group = CameraGroup.load(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS)
+    group = read_calibration(mouse_dir / "calibration.toml", view_names=MOUSE_VIEWS)
     views = []
     for view in MOUSE_VIEWS:
         table = pd.read_csv(mouse_dir / f"CollectedData_{view}.csv", header=[0, 1, 2],

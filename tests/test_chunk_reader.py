@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import chunk_reader
-from pipeline.chunk_reader import ChunkError, ChunkReader, fletcher32
+from pipeline.data.cache import chunks as chunk_reader
+from pipeline.data.cache.chunks import ChunkError, ChunkReader, fletcher32
 
 
 @pytest.fixture(autouse=True, params=["libdeflate", "zlib"])

@@ -10,15 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dataset import (
-    find_calibration,
-    image_size,
-    load_labels,
-    read_label_csv,
-    session_of,
-    write_label_csv,
-)
-from pipeline.errors import ParallaxError
+from pipeline.core.errors import ParallaxError
+from pipeline.data.paths import find_calibration, session_of
+from pipeline.data.project import image_size, load_labels
+from pipeline.io.labels_csv import read_label_csv, write_label_csv
 
 VIEWS = ("top", "side", "front")
 KPS = ("nose", "ear", "tail")
@@ -72,7 +67,7 @@ def raises(match: str):
 
 def test_happy_path_two_sessions_three_views(tmp_path, caplog):
     root = make_dataset(tmp_path)
-    with caplog.at_level(logging.INFO, logger="pipeline.dataset"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.project"):
         labels = load(root)
     assert (labels.n_views, labels.n_frames, labels.n_keypoints) == (3, 6, 3)
     assert labels.points_2d.shape == (3, 6, 3, 2) and labels.points_2d.dtype == np.float64
@@ -384,7 +379,7 @@ def test_missing_image_is_named(tmp_path):
 
 def test_real_mouse(mouse_dir, caplog):
     views = ["back", "mid", "side", "top"]
-    with caplog.at_level(logging.INFO, logger="pipeline.dataset"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.project"):
         labels = load_labels(mouse_dir, views, csv_names(views))
     assert labels.points_2d.shape == (4, 80, 15, 2)
     assert set(labels.sessions) == {"session0"}

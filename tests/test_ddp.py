@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import cache_augmentations, train, triangulate_labels
-from pipeline.distributed import (
+from pipeline.core.errors import ParallaxError
+from pipeline.stages import cache_augmentations, train, triangulate_labels
+from pipeline.training.distributed import (
     DistContext,
     env_context,
     per_rank_batch,
     rank_device,
     shard_batches,
 )
-from pipeline.distributed import check_num_gpus as check
-from pipeline.errors import ParallaxError
+from pipeline.training.distributed import check_num_gpus as check
 from tests.conftest import REPO, dataset_cli_args
 from tests.test_trainer import CONFIG, TINY
 
@@ -101,8 +101,8 @@ def test_two_process_run_equals_single_process(odd_cache, tmp_path):
     start = time.perf_counter()
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         "2", "-m", "pipeline.train", *args, "--out-dir", str(tmp_path / "ddp"), "--threads",
-         "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+         "2", "-m", "pipeline.stages.train", *args, "--out-dir", str(tmp_path / "ddp"),
+         "--threads", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     seconds = time.perf_counter() - start
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     torch.set_num_threads(1)

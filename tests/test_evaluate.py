@@ -11,15 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics as M
-from pipeline.cameras import Camera, CameraGroup
-from pipeline.dataset import frame_keys, load_labels
-from pipeline.evaluate import OUTPUTS, parse_skeleton
-from pipeline.evaluate import main as evaluate_main
-from pipeline.predictions_io import write_pixel_error, write_pose_3d, write_predictions_2d
-from pipeline.splits import make_splits
-from pipeline.triangulate_labels import points_table
-from pipeline.triangulation import load_calibrations, triangulate_labels
+from pipeline.core.errors import ParallaxError
+from pipeline.data.project import frame_keys, load_labels
+from pipeline.data.splits import make_splits
+from pipeline.data.triangulate import load_calibrations, points_table, triangulate_labels
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation.drawing import parse_skeleton
+from pipeline.geometry.cameras import Camera, CameraGroup
+from pipeline.io.predictions_csv import write_pixel_error, write_pose_3d, write_predictions_2d
+from pipeline.stages.evaluate import OUTPUTS
+from pipeline.stages.evaluate import main as evaluate_main
 from tests.conftest import dataset_cli_args
 
 # ----------------------------------------------------------------------------- metric functions
@@ -88,10 +89,13 @@ def test_dropout_summary_weights_by_n():
 
 
 def test_parse_skeleton_with_hyphenated_names():
-    assert parse_skeleton(["nose-left-ear", "tail-nose"], ["nose", "left-ear", "tail"]) == \
-        [(0, 1), (2, 0)]
-    with pytest.raises(Exception, match="--skeleton 'nose-paw'"):
-        parse_skeleton(["nose-paw"], ["nose", "tail"])
+    names = ["nose", "left-ear", "tail", "left"]
+    assert parse_skeleton(["nose", "left-ear", "tail", "nose"], names).tolist() == \
+        [[0, 1], [2, 0]]
+    with pytest.raises(ParallaxError, match=r"unknown keypoint\(s\) \['paw'\]"):
+        parse_skeleton(["nose", "paw"], names)
+    with pytest.raises(ParallaxError, match="in pairs"):
+        parse_skeleton(["nose", "tail", "left"], names)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -295,7 +299,7 @@ def _fake_summary(path: Path, mean: float, dropped: float | None, headline: str 
 
 
 def test_compare_models_table_and_plot(tmp_path):
-    from pipeline.compare_models import main as compare_main
+    from pipeline.stages.compare_models import main as compare_main
 
     _fake_summary(tmp_path / "a.json", 4.0, 9.0)
     _fake_summary(tmp_path / "b.json", 2.0, None)
@@ -318,7 +322,7 @@ def test_compare_models_table_and_plot(tmp_path):
 
 
 def test_compare_models_bad_input_names_the_file(tmp_path, capsys):
-    from pipeline.compare_models import main as compare_main
+    from pipeline.stages.compare_models import main as compare_main
 
     _fake_summary(tmp_path / "a.json", 4.0, 9.0)
     (tmp_path / "bad.json").write_text("{not json")

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.cameras import CameraGroup
-from pipeline.dataset import load_labels
-from pipeline.errors import ParallaxError
-from pipeline.example import KEYPOINT_COLOURS, generate_example
+from pipeline.core.errors import ParallaxError
+from pipeline.data.project import load_labels
+from pipeline.geometry.cameras import CameraGroup
+from pipeline.stages.generate_example import KEYPOINT_COLOURS
+from pipeline.synthetic.generate import generate_example
 
 SMALL = dict(seed=5, n_sessions=2, frames_per_session=8, n_views=3, image_size=(160, 128))
 VIEWS = ("cam0", "cam1", "cam2")
@@ -225,7 +226,7 @@ def test_replaces_atomically(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr("pipeline.example.render", broken)
+    monkeypatch.setattr("pipeline.stages.generate_example.render", broken)
     with pytest.raises(RuntimeError):
         small(out, n_sessions=1, frames_per_session=2)
     assert (out / "stale.txt").is_file()  # a failed run leaves the old dataset untouched
@@ -266,14 +267,16 @@ def test_videos(tmp_path):
 
 
 def test_cli(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "pipeline.example", "--out", str(tmp_path / "e"),
+    ok = subprocess.run([sys.executable, "-m", "pipeline.stages.generate_example",
+                         "--out", str(tmp_path / "e"),
                          "--sessions", "1", "--frames", "2", "--views", "2", "--width", "64",
                          "--height", "48", "--seed", "1", "--noise", "0.5"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "2 frames x 2 views" in ok.stderr
     assert (tmp_path / "e" / "CollectedData_cam1.csv").is_file()
-    bad = subprocess.run([sys.executable, "-m", "pipeline.example", "--out", str(tmp_path / "f"),
+    bad = subprocess.run([sys.executable, "-m", "pipeline.stages.generate_example",
+                          "--out", str(tmp_path / "f"),
                           "--views", "1"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.count("parallax error:") == 1

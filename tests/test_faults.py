@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cache_augmentations, train, triangulate_labels, validate_calibration
+from pipeline.io.calibration_toml import write_calibration
+from pipeline.stages import cache_augmentations, train, triangulate_labels, validate_calibration
 from tests.conftest import dataset_cli_args
 
 CACHE_CONFIG = {
@@ -153,7 +154,7 @@ def keep_labels(path: Path, keep: int) -> None:
 
 
 def duplicate_camera(data: Path) -> str:
-    from pipeline.cameras import CameraGroup
+    from pipeline.geometry.cameras import CameraGroup
 
     toml = first_toml(data)
     group = CameraGroup.load(toml)
@@ -164,13 +165,11 @@ def duplicate_camera(data: Path) -> str:
 
 
 def reorder_cameras(data: Path) -> None:
-    from pipeline.cameras import CameraGroup
+    from pipeline.geometry.cameras import CameraGroup
 
     toml = first_toml(data)
     group = CameraGroup.load(toml)
-    CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata).dump(toml)
-
-
+    write_calibration(CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata), toml)
 @dataclass
 class Case:
     damage: Callable[[Path], object]
@@ -322,7 +321,7 @@ def test_disk_full_while_writing_the_cache(example_dir, tmp_path, capsys, monkey
 
 def test_out_of_memory_batch_gives_a_hint(out, example_dir, capsys, monkeypatch):
     """An allocation failure inside a training step names the keys to lower; no outputs."""
-    from pipeline import trainer
+    from pipeline.training import trainer
 
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "

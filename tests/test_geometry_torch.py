@@ -1,4 +1,4 @@
-"""pipeline.geometry_torch agrees with the numpy cameras and has correct gradients."""
+"""pipeline.geometry.camera_torch agrees with the numpy cameras and has correct gradients."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import geometry_torch as gt
-from pipeline.cameras import Camera, CameraGroup
+from pipeline.geometry import camera_torch as gt
+from pipeline.geometry.cameras import Camera, CameraGroup
 
 DIST = {
     "pinhole5": [-0.21, 0.06, 1.2e-3, -8e-4, -0.012],

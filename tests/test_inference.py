@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.cameras import Camera, CameraGroup
-from pipeline.errors import ParallaxError
-from pipeline.inference import (
+from pipeline.core.errors import ParallaxError
+from pipeline.geometry.cameras import Camera, CameraGroup
+from pipeline.inference.predictor import (
     LoadedModel,
     load_model,
     predict,
     prepare_views,
     triangulate_predictions,
 )
-from pipeline.predictions_io import (
+from pipeline.io.predictions_csv import (
     read_pixel_error,
     read_pose_3d,
     read_predictions_2d,
@@ -176,7 +176,7 @@ def make_group(n_views: int = 4) -> CameraGroup:
         angle = 2 * np.pi * i / n_views
         rvec = np.array([0.0, -angle, 0.0])
         centre = np.array([np.sin(angle), 0.2, -np.cos(angle)]) * 500
-        from pipeline.cameras import rodrigues
+        from pipeline.geometry.cameras import rodrigues
 
         tvec = -rodrigues(rvec) @ centre
         cams.append(Camera(name=f"c{i}", size=(640, 480),

@@ -1,4 +1,5 @@
-"""pipeline.losses: heatmap conventions, heatmap MSE scale, and the two supervised 3D losses."""
+"""pipeline.training.losses: heatmap conventions, heatmap MSE scale, and the two supervised 3D
+losses."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses
-from pipeline.heads import decode_heatmaps
+from pipeline.models import decoding
+from pipeline.models.decoding import decode_heatmaps
+from pipeline.training import losses
 from tests.test_geometry_torch import camera_tensors, random_group
 
 SIGMA, STRIDE, SIZE = 1.25, 4, 64  # heatmaps 16 x 16
@@ -47,7 +49,7 @@ def make_batch(seed: int = 0, batch: int = 3, keypoints: int = 5,
 
 
 def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return losses.gaussian_heatmaps(losses.model_to_heatmap(batch["keypoints_2d"], STRIDE),
+    return losses.gaussian_heatmaps(decoding.model_to_heatmap(batch["keypoints_2d"], STRIDE),
                                     batch["keypoints_valid"], HM, HM, SIGMA)
 
 
@@ -68,21 +70,21 @@ def test_loss_weight() -> None:
 def test_render_then_decode_round_trip(stride: int) -> None:
     p = torch.tensor([[[[120.3, 131.7], [132.0, 140.49], [127.5, 124.0]]]],
                      dtype=torch.float64)
-    maps = losses.gaussian_heatmaps(losses.model_to_heatmap(p, stride),
+    maps = losses.gaussian_heatmaps(decoding.model_to_heatmap(p, stride),
                                     torch.ones(p.shape[:-1], dtype=torch.bool),
                                     256 // stride, 192 // stride, SIGMA)
     assert torch.allclose(maps.sum((-2, -1)), torch.ones(1, 1, 3, dtype=torch.float64))
-    back = losses.soft_argmax(maps, stride)
+    back = decoding.soft_argmax(maps, stride)
     assert (back - p).abs().max() < 0.05
     assert (back - p).abs().max() < 1e-6  # in fact unbiased
-    conf = losses.confidence(maps, back, stride)
+    conf = decoding.confidence(maps, back, stride)
     assert ((conf > 0.85) & (conf <= 1.0 + 1e-9)).all()  # 5x5 window, sigma 1.25
 
 
 def test_convention_matches_heads_decoder() -> None:
-    """A Gaussian on a cell centre decodes to the same model pixel with pipeline.heads."""
+    """A Gaussian on a cell centre decodes to the same model pixel with pipeline.models.heads."""
     p = torch.tensor([[[[4 * 5 + 1.5, 4 * 9 + 1.5]]]])
-    maps = losses.gaussian_heatmaps(losses.model_to_heatmap(p, 4), torch.ones(1, 1, 1).bool(),
+    maps = losses.gaussian_heatmaps(decoding.model_to_heatmap(p, 4), torch.ones(1, 1, 1).bool(),
                                     HM, HM, SIGMA)
     assert torch.allclose(maps[0, 0, 0].argmax(), torch.tensor(9 * HM + 5))
     xy, _ = decode_heatmaps(maps, 4)
@@ -106,12 +108,12 @@ def test_soft_argmax_temperature_and_confidence() -> None:
     maps[0, 0, 0, 2, 3] = 0.6
     maps[0, 0, 0, 2, 4] = 0.4
     maps[0, 0, 1] = 1 / 42  # uniform
-    xy = losses.soft_argmax(maps, stride=1)
+    xy = decoding.soft_argmax(maps, stride=1)
     assert torch.allclose(xy[0, 0, 0], torch.tensor([3.4, 2.0]))
     assert torch.allclose(xy[0, 0, 1], torch.tensor([3.0, 2.5]))
-    sharp = losses.soft_argmax(maps, stride=1, temperature=1000.0)
+    sharp = decoding.soft_argmax(maps, stride=1, temperature=1000.0)
     assert torch.allclose(sharp[0, 0, 0], torch.tensor([3.0, 2.0]), atol=1e-3)
-    conf = losses.confidence(maps, xy, stride=1, radius=1)
+    conf = decoding.confidence(maps, xy, stride=1, radius=1)
     assert conf[0, 0, 0] == pytest.approx(1.0) and conf[0, 0, 1] == pytest.approx(9 / 42)
 
 
@@ -222,7 +224,7 @@ def test_gradients_reach_heatmap_logits_float32() -> None:
     batch = make_batch(seed=4, batch=2, keypoints=2, dtype=torch.float32)
     logits = torch.randn(2, 3, 2, HM, HM, requires_grad=True)
     heatmaps = torch.softmax(logits.flatten(-2), -1).view(logits.shape)
-    pred = losses.soft_argmax(heatmaps, STRIDE)
+    pred = decoding.soft_argmax(heatmaps, STRIDE)
     target = targets(batch)
     total = (losses.heatmap_mse(heatmaps, target, batch["keypoints_valid"])
              + losses.pairwise_projection_loss(pred, batch)[0] * 1e-4
@@ -234,5 +236,5 @@ def test_gradients_reach_heatmap_logits_float32() -> None:
                lambda p: losses.reprojection_heatmap_loss(p, target, batch, SIGMA, STRIDE)[0]):
         logits.grad = None
         heatmaps = torch.softmax(logits.flatten(-2), -1).view(logits.shape)
-        fn(losses.soft_argmax(heatmaps, STRIDE)).backward()
+        fn(decoding.soft_argmax(heatmaps, STRIDE)).backward()
         assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

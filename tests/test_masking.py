@@ -1,4 +1,4 @@
-"""Tests of pipeline.masking: schedule, sampling, seeding and pixel masking."""
+"""Tests of pipeline.models.masking: schedule, sampling, seeding and pixel masking."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from pipeline.errors import ParallaxError
-from pipeline.masking import (
+from pipeline.core.errors import ParallaxError
+from pipeline.models.masking import (
     apply_patch_mask,
     mask_generator,
     mask_ratio,

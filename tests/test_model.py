@@ -1,4 +1,5 @@
-"""Tests of pipeline.model and pipeline.heads on tiny random-init ViTs (CPU, no downloads)."""
+"""Tests of pipeline.models.model and pipeline.models.heads on tiny random-init ViTs (CPU, no
+downloads)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import pytest
 import timm
 import torch
 
-from pipeline.errors import ParallaxError
-from pipeline.heads import HeatmapHead, decode_heatmaps, num_upsampling_stages
-from pipeline.masking import apply_patch_mask
-from pipeline.model import (
-    BACKBONE_ALIASES,
+from pipeline.core.errors import ParallaxError
+from pipeline.models.backbone import BACKBONE_ALIASES, build_backbone
+from pipeline.models.decoding import decode_heatmaps
+from pipeline.models.heads import HeatmapHead, num_upsampling_stages
+from pipeline.models.masking import apply_patch_mask
+from pipeline.models.model import (
     MultiviewTransformer,
     SingleViewHeatmapModel,
-    build_backbone,
     build_model,
     param_groups,
 )

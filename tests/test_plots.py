@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import plots
-from pipeline.metrics import worst_frames
+from pipeline.evaluation import plots
+from pipeline.evaluation.metrics import worst_frames
 
 
 def _size(path) -> tuple[int, int]:

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import cache_augmentations, predict_labeled, triangulate_labels
-from pipeline.dataset import frame_keys, load_labels
-from pipeline.predictions_io import read_pixel_error, read_pose_3d, read_predictions_2d
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.data.project import frame_keys, load_labels
+from pipeline.io.predictions_csv import read_pixel_error, read_pose_3d, read_predictions_2d
+from pipeline.stages import cache_augmentations, predict_labeled, triangulate_labels
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import Trainer
 from tests.conftest import dataset_cli_args
 
 CACHE_CONFIG = {

@@ -1,4 +1,4 @@
-"""Stage predict_video and pipeline.video_io: one row per video frame, 2D and 3D outputs, all or
+"""Stage predict_video and pipeline.io.video: one row per video frame, 2D and 3D outputs, all or
 nothing on desynchronised / corrupt / missing videos, frames streamed in batches."""
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import cache_augmentations, predict_video, triangulate_labels, video_io
-from pipeline.errors import ParallaxError
-from pipeline.example import generate_example
-from pipeline.inference import load_model, predict, prepare_views
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.core.errors import ParallaxError
+from pipeline.inference.predictor import load_model, predict, prepare_views
+from pipeline.io import video as video_io
+from pipeline.stages import cache_augmentations, predict_video, triangulate_labels
+from pipeline.synthetic.generate import generate_example
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import Trainer
 from tests.conftest import dataset_cli_args
 
 VIDEO_FRAMES = 12
@@ -127,12 +129,12 @@ def test_end_to_end_one_row_per_frame(trained, tmp_path):
     assert np.isfinite(pose[[f"{kp}_z" for kp in loaded.keypoint_names]].to_numpy()).all()
 
 
-def test_labeled_video_and_skeleton(trained, tmp_path):
+def test_labeled_video_and_skeleton(trained, tmp_path, capsys):
     out = tmp_path / "videos"
     loaded = load_model(trained["checkpoint"], "cpu")
     kp = loaded.keypoint_names
     assert predict_video.main(cli(trained, out, None, "--labeled-video", "--skeleton",
-                                  f"{kp[0]}-{kp[1]}", f"{kp[1]}-{kp[2]}")) == 0
+                                  kp[0], kp[1], kp[1], kp[2])) == 0
     for view, source in zip(trained["views"], session_videos(trained), strict=True):
         labeled = read_frames(out / f"session0_{view}_labeled.mp4")
         original = read_frames(source)
@@ -145,8 +147,9 @@ def test_labeled_video_and_skeleton(trained, tmp_path):
         iy = np.clip(np.rint(xy[..., 1]).astype(int), 0, labeled.shape[1] - 1)
         at_points = diff[np.arange(VIDEO_FRAMES)[:, None], iy, ix]
         assert np.median(at_points) > 60
-    with pytest.raises(ParallaxError, match="skeleton edge 'nose-nothing'"):
-        predict_video.parse_skeleton(["nose-nothing"], kp)
+    assert predict_video.main(cli(trained, tmp_path / "bad", None, "--labeled-video",
+                                  "--skeleton", kp[0], "nothing")) == 2
+    assert "unknown keypoint(s) ['nothing']" in capsys.readouterr().err
 
 
 def test_desynchronised_videos_refused(trained, tmp_path, capsys):

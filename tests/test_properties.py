@@ -7,10 +7,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.calibration_io import read_calibration
-from pipeline.cameras import Camera, CameraGroup
-from pipeline.errors import ParallaxError
-from pipeline.labels_io import read_label_csv
+from pipeline.core.errors import ParallaxError
+from pipeline.geometry.cameras import Camera, CameraGroup
+from pipeline.io.calibration_toml import read_calibration
+from pipeline.io.labels_csv import read_label_csv
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

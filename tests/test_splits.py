@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import ParallaxError
-from pipeline.splits import make_splits, read_splits
+from pipeline.core.errors import ParallaxError
+from pipeline.data.splits import make_splits, read_splits
 
 SESSIONS = ["a"] * 30 + ["b"] * 40 + ["c"] * 30
 KEYS = [f"labeled-data/{s}/img{i:03d}.png" for i, s in enumerate(SESSIONS)]

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import cache_augmentations, triangulate_labels
-from pipeline.errors import ParallaxError
-from pipeline.trainer import TrainConfig, Trainer
+from pipeline.core.errors import ParallaxError
+from pipeline.stages import cache_augmentations, triangulate_labels
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import Trainer
 from tests.conftest import dataset_cli_args
 
 CONFIG = {
@@ -113,7 +114,7 @@ def test_bad_configs(small_cache, tmp_path):
 
 
 def test_train_stage_cli(small_cache, tmp_path):
-    from pipeline import train
+    from pipeline.stages import train
 
     config = json.loads(json.dumps(TINY))
     config["training"].update(max_epochs=1, max_steps=2)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import triangulate_labels
+from pipeline.stages import triangulate_labels
 from tests.conftest import dataset_cli_args
 
 

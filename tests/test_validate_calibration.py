@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import validate_calibration
+from pipeline.io.calibration_toml import write_calibration
+from pipeline.stages import validate_calibration
 from tests.conftest import dataset_cli_args
 
 MOUSE_VIEWS = ["back", "mid", "side", "top"]
@@ -93,7 +94,7 @@ def test_real_mouse_broken_side_fails_naming_side(mouse_dir, tmp_path, capsys):
 
 def test_perturbed_camera_is_blamed_by_reprojection(example_copy, tmp_path, capsys):
     """A camera rotated by 2 degrees passes the structure checks but not the reprojection."""
-    from pipeline.cameras import CameraGroup
+    from pipeline.geometry.cameras import CameraGroup
 
     views = views_of(example_copy)
     toml = sorted((example_copy / "calibrations").glob("*.toml"))[0]
@@ -104,7 +105,7 @@ def test_perturbed_camera_is_blamed_by_reprojection(example_copy, tmp_path, caps
     cams[1] = type(bad)(name=bad.name, size=bad.size, matrix=bad.matrix, dist=bad.dist,
                         rvec=cv2.Rodrigues(turn @ bad.R)[0].ravel(), tvec=turn @ bad.tvec,
                         fisheye=bad.fisheye)
-    CameraGroup(cameras=tuple(cams), metadata=group.metadata).dump(toml)
+    write_calibration(CameraGroup(cameras=tuple(cams), metadata=group.metadata), toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out",
                             "--max-median-reproj-px", "2")
     message = assert_failed(code, paths, capsys, toml.name, f"'{views[1]}'")
@@ -130,23 +131,23 @@ def test_malformed_toml(example_copy, tmp_path, capsys):
 
 
 def test_missing_camera(example_copy, tmp_path, capsys):
-    from pipeline.cameras import CameraGroup
+    from pipeline.geometry.cameras import CameraGroup
 
     views = views_of(example_copy)
     toml = first_toml(example_copy)
     group = CameraGroup.load(toml)
-    CameraGroup(cameras=group.cameras[:-1], metadata=group.metadata).dump(toml)
+    write_calibration(CameraGroup(cameras=group.cameras[:-1], metadata=group.metadata), toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
     assert_failed(code, paths, capsys, toml.name, views[-1])
 
 
 def test_camera_order_differs_from_view_names(example_copy, tmp_path, capsys):
-    from pipeline.cameras import CameraGroup
+    from pipeline.geometry.cameras import CameraGroup
 
     views = views_of(example_copy)
     toml = first_toml(example_copy)
     group = CameraGroup.load(toml)
-    CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata).dump(toml)
+    write_calibration(CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata), toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
     assert_failed(code, paths, capsys, toml.name, views[0], views[-1])
 

@@ -25,7 +25,7 @@ TINY = {
 
 
 def example_views(n: int) -> list[str]:
-    from pipeline.example import view_names_for
+    from pipeline.stages.generate_example import view_names_for
 
     return list(view_names_for(n))
 

@@ -31,7 +31,7 @@ rule cache_augmentations:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.cache_augmentations {params.dataset} "
-        "--labels-3d {input.labels_3d} --config-json '{params.cfg}' "
-        "--splits {output.splits} --train {output.train} --eval {output.eval} "
-        "--picture {output.picture} > {log} 2>&1"
+        "python -m pipeline.stages.cache_augmentations {params.dataset} "
+        "--labels-3d {input.labels_3d:q} --config-json {params.cfg:q} "
+        "--splits {output.splits:q} --train {output.train:q} --eval {output.eval:q} "
+        "--picture {output.picture:q} > {log:q} 2>&1"

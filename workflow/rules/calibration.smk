@@ -30,6 +30,6 @@ rule validate_calibration:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.validate_calibration {params.dataset} "
+        "python -m pipeline.stages.validate_calibration {params.dataset} "
         "--max-median-reproj-px {params.max_px} --min-views {params.min_views} "
-        "--summary {output.summary} --table {output.table} --plot {output.plot} > {log} 2>&1"
+        "--summary {output.summary:q} --table {output.table:q} --plot {output.plot:q} > {log:q} 2>&1"

@@ -1,9 +1,9 @@
 # Helpers for the rules: config validation, input functions, code digests. No rules here.
 
 import copy
-import hashlib
 import json
-import re
+import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -16,17 +16,11 @@ DATA = config["data"]
 DATA_DIR = Path(DATA["data_dir"])
 VIEWS = list(DATA["view_names"])
 EXAMPLE = config["example"]
-PIPELINE_DIR = Path(workflow.basedir) / "pipeline"
-# the config values that shape the HDF5 cache (also its config hash, checked by readers)
-CACHE_KEYS = (
-    "data.image_resize_dims",
-    "augmentation",
-    "training.imgaug_3d",
-    "training.train_prob",
-    "training.val_prob",
-    "training.rng_seed_data_pt",
-    "training.test_sessions",
-)
+# the workflow's own copy of the package decides code digests and cache keys
+sys.path.insert(0, str(workflow.basedir))
+from pipeline.core.digest import code_digest  # noqa: E402
+from pipeline.data.cache.keys import CACHE_KEYS  # noqa: E402
+
 # the config sections training reads; model outputs go to results/models/<model>/
 TRAIN_KEYS = ("model", "data", "training", "losses")
 # the sections a `models:` variant may override
@@ -118,11 +112,11 @@ def predict_gpus(wildcards) -> int:
 
 
 def train_command(wildcards, threads) -> str:
-    """`python -m pipeline.train`, or torchrun with one process per GPU when num_gpus > 1."""
+    """`python -m pipeline.stages.train`, or torchrun with one process per GPU when num_gpus > 1."""
     gpus = model_gpus(wildcards)
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.train"
-    return "python -m pipeline.train"
+        return f"torchrun --standalone --nproc_per_node {gpus} -m pipeline.stages.train"
+    return "python -m pipeline.stages.train"
 
 
 def _video_sessions() -> list[str]:
@@ -158,33 +152,21 @@ def session_calibration(wildcards) -> list[str]:
     return [str(shared)] if shared.is_file() else []
 
 
+def quoted(values) -> str:
+    """Shell words for `values`, each quoted (nothing in a name or path is ever executed)."""
+    return " ".join(shlex.quote(str(value)) for value in values)
+
+
 def skeleton_args() -> str:
+    """`--skeleton a b c d ...`: data.skeleton's keypoint pairs, flattened (names may hold '-')."""
     pairs = DATA.get("skeleton") or []
-    return ("--skeleton " + " ".join(f"'{a}-{b}'" for a, b in pairs)) if pairs else ""
+    return ("--skeleton " + quoted(name for pair in pairs for name in pair)) if pairs else ""
 
 
-def _imports(module: str) -> set[str]:
-    """`module` and every pipeline module it imports, transitively (by reading the source)."""
-    seen, todo = set(), [module]
-    pattern = re.compile(r"^\s*(?:from\s+pipeline\.(\w+)|from\s+\.(\w+)|import\s+pipeline\.(\w+))", re.M)
-    while todo:
-        name = todo.pop()
-        path = PIPELINE_DIR / f"{name}.py"
-        if name in seen or not path.is_file():
-            continue
-        seen.add(name)
-        for match in pattern.finditer(path.read_text()):
-            todo.append(next(group for group in match.groups() if group))
-    return seen
-
-
-def stage_digest(module: str) -> str:
-    """Digest of a stage module and the pipeline modules it imports: editing them reruns the stage."""
-    digest = hashlib.sha256()
-    for name in sorted(_imports(module)):
-        digest.update(name.encode())
-        digest.update((PIPELINE_DIR / f"{name}.py").read_bytes())
-    return digest.hexdigest()[:16]
+def stage_digest(rule: str) -> str:
+    """Digest of the stage module `pipeline.stages.<rule>` and every pipeline module it imports,
+    transitively (`pipeline.core.digest`): editing any of them reruns the rule."""
+    return code_digest(f"pipeline.stages.{rule}", Path(workflow.basedir))
 
 
 def config_json(*keys: str) -> str:
@@ -230,14 +212,14 @@ def get_dataset_inputs(wildcards=None) -> dict:
 def dataset_args() -> str:
     """The shared command-line arguments that describe the dataset to a stage."""
     args = [
-        f"--data-dir '{DATA_DIR}'",
-        "--view-names " + " ".join(f"'{view}'" for view in VIEWS),
-        "--csv-files " + " ".join(f"'{name}'" for name in DATA["csv_file"]),
+        f"--data-dir {quoted([DATA_DIR])}",
+        f"--view-names {quoted(VIEWS)}",
+        f"--csv-files {quoted(DATA['csv_file'])}",
     ]
     if DATA.get("bbox_file"):
-        args.append("--bbox-files " + " ".join(f"'{name}'" for name in DATA["bbox_file"]))
+        args.append(f"--bbox-files {quoted(DATA['bbox_file'])}")
     if DATA.get("camera_params_file"):
-        args.append(f"--camera-params-file '{DATA['camera_params_file']}'")
+        args.append(f"--camera-params-file {quoted([DATA['camera_params_file']])}")
     return " ".join(args)
 
 

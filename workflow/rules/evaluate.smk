@@ -58,10 +58,10 @@ rule evaluate:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate {params.dataset} --predictions-dir {params.predictions} "
-        "--labels-3d {input.labels_3d} --splits {input.splits} --metrics-csv {input.metrics} "
-        "--out-dir {params.out} --model-name {wildcards.model} --pck-thresholds {params.pck} "
-        "--pck-bbox-fraction {params.bbox_fraction} {params.skeleton} > {log} 2>&1"
+        "python -m pipeline.stages.evaluate {params.dataset} --predictions-dir {params.predictions:q} "
+        "--labels-3d {input.labels_3d:q} --splits {input.splits:q} --metrics-csv {input.metrics:q} "
+        "--out-dir {params.out:q} --model-name {wildcards.model:q} --pck-thresholds {params.pck} "
+        "--pck-bbox-fraction {params.bbox_fraction} {params.skeleton} > {log:q} 2>&1"
 
 
 rule compare_models:
@@ -84,7 +84,7 @@ rule compare_models:
     benchmark:
         "benchmarks/compare_models.tsv"
     params:
-        metrics=lambda wildcards, input: " ".join(
+        metrics=lambda wildcards, input: quoted(
             f"{name}={path}" for name, path in zip(MODEL_NAMES, input.metrics)
         ),
         code=stage_digest("compare_models"),
@@ -96,6 +96,6 @@ rule compare_models:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.compare_models --metrics {params.metrics} "
-        "--out-csv {output.table} --out-png {output.plot} --out-html {output.html} "
-        "> {log} 2>&1"
+        "python -m pipeline.stages.compare_models --metrics {params.metrics} "
+        "--out-csv {output.table:q} --out-png {output.plot:q} --out-html {output.html:q} "
+        "> {log:q} 2>&1"

@@ -17,7 +17,7 @@ if EXAMPLE["generate"]:
         params:
             out=output_folder,
             cfg=config_json("example"),
-            code=stage_digest("example"),
+            code=stage_digest("generate_example"),
             seed=EXAMPLE["seed"],
             sessions=EXAMPLE["sessions"],
             frames=EXAMPLE["frames_per_session"],
@@ -33,7 +33,7 @@ if EXAMPLE["generate"]:
         conda:
             "../../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.example --out {params.out} --seed {params.seed} "
-            "--sessions {params.sessions} --frames {params.frames} --views {params.views} "
+            "python -m pipeline.stages.generate_example --out {params.out:q} --seed {params.seed} "
+            "--sessions {params.sessions} --frames {params.frames} --views {params.views:q} "
             "--width {params.width} --height {params.height} --noise {params.noise} "
-            "--video-frames {params.video_frames} > {log} 2>&1"
+            "--video-frames {params.video_frames} > {log:q} 2>&1"

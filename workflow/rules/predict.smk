@@ -39,10 +39,10 @@ rule predict_labeled:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict_labeled {params.dataset} --checkpoint {input.checkpoint} "
-        "--splits {input.splits} --labels-3d {input.labels_3d} --out-dir {params.out} "
+        "python -m pipeline.stages.predict_labeled {params.dataset} --checkpoint {input.checkpoint:q} "
+        "--splits {input.splits:q} --labels-3d {input.labels_3d:q} --out-dir {params.out:q} "
         "--batch-size {params.batch} --min-confidence {params.min_confidence} {params.dropout} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule predict_video:
@@ -66,9 +66,9 @@ rule predict_video:
     benchmark:
         "benchmarks/predict_video/{model}/{session}.tsv"
     params:
-        views=" ".join(VIEWS),
+        views=VIEWS,
         calibration=lambda wildcards, input: (
-            f"--calibration {input.calibration}" if input.calibration else ""
+            f"--calibration {quoted(input.calibration)}" if input.calibration else ""
         ),
         out=output_folder,
         batch=config["prediction"]["batch_size"],
@@ -86,8 +86,8 @@ rule predict_video:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict_video --checkpoint {input.checkpoint} "
-        "--videos {input.videos} --view-names {params.views} {params.calibration} "
-        "--session {wildcards.session} --out-dir {params.out} --batch-size {params.batch} "
+        "python -m pipeline.stages.predict_video --checkpoint {input.checkpoint:q} "
+        "--videos {input.videos:q} --view-names {params.views:q} {params.calibration} "
+        "--session {wildcards.session:q} --out-dir {params.out:q} --batch-size {params.batch} "
         "--min-confidence {params.min_confidence} {params.labeled} {params.skeleton} "
-        "--device {params.device} --threads {threads} > {log} 2>&1"
+        "--device {params.device} --threads {threads} > {log:q} 2>&1"

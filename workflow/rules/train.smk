@@ -29,6 +29,6 @@ rule train:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "{params.command} --train-h5 {input.train} --eval-h5 {input.eval} "
-        "--config-json '{params.cfg}' --cache-config-json '{params.cache_cfg}' "
-        "--out-dir {params.out} --threads {threads} --resume > {log} 2>&1"
+        "{params.command} --train-h5 {input.train:q} --eval-h5 {input.eval:q} "
+        "--config-json {params.cfg:q} --cache-config-json {params.cache_cfg:q} "
+        "--out-dir {params.out:q} --threads {threads} --resume > {log:q} 2>&1"

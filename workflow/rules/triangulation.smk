@@ -31,7 +31,7 @@ rule triangulate_labels:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.triangulate_labels {params.dataset} "
+        "python -m pipeline.stages.triangulate_labels {params.dataset} "
         "--min-views {params.min_views} --outlier-threshold-px {params.outlier_px} "
-        "--points {output.points} --outliers {output.outliers} --summary {output.summary} "
-        "> {log} 2>&1"
+        "--points {output.points:q} --outliers {output.outliers:q} --summary {output.summary:q} "
+        "> {log:q} 2>&1"

@@ -1,0 +1,2 @@
+"""Foundations every other part uses: the error type, atomic writes, hashing, device choice,
+logging."""

@@ -1,0 +1,1 @@
+"""The HDF5 cache of training samples: file format, builder, chunk reader, torch Dataset."""

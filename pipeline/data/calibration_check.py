@@ -1,0 +1,236 @@
+"""Calibration validation: structural checks and per-camera reprojection errors of the
+labels, with each camera in and left out of the triangulation, and the camera(s) to blame."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import ParallaxError
+from pipeline.data.paths import relative_path
+from pipeline.data.project import MultiviewLabels, image_size
+from pipeline.data.triangulate import load_calibrations, triangulate_labels
+from pipeline.geometry.cameras import CameraGroup
+
+log = logging.getLogger(__name__)
+
+
+def structural_problems(name: str, group: CameraGroup) -> list[str]:
+    """Problems :meth:`CameraGroup.load` cannot see on one camera alone."""
+    problems = []
+    for index, cam in enumerate(group.cameras):
+        width, height = cam.size
+        cx, cy = cam.matrix[0, 2], cam.matrix[1, 2]
+        if not (0 <= cx < width and 0 <= cy < height):
+            problems.append(
+                f"{name}: camera '{cam.name}' ([cam_{index}]) principal point ({cx:g}, {cy:g}) "
+                f"lies outside its {width}x{height} image"
+            )
+    centers = np.stack([cam.center for cam in group.cameras])
+    scale = max(float(np.ptp(centers, axis=0).max()), 1e-12)
+    identical = set(identical_pairs(group))
+    for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2):
+        if (i, j) not in identical and np.linalg.norm(a.center - b.center) <= 1e-6 * scale:
+            problems.append(
+                f"{name}: cameras '{a.name}' and '{b.name}' sit at the same place "
+                f"({a.center.round(3).tolist()}): a zero baseline cannot triangulate"
+            )
+    return problems
+
+
+def identical_pairs(group: CameraGroup) -> list[tuple[int, int]]:
+    """Index pairs of cameras whose intrinsics, distortion and pose are all identical."""
+    return [
+        (i, j)
+        for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2)
+        if all(np.array_equal(getattr(a, k), getattr(b, k))
+               for k in ("matrix", "dist", "rvec", "tvec"))
+    ]
+
+
+def identical_problem(
+    labels: MultiviewLabels, name: str, group: CameraGroup, pair: tuple[int, int], min_views: int
+) -> str:
+    """Explain two identical cameras, using the other cameras to tell which one is the copy."""
+    i, j = pair
+    a, b = group.cameras[i].name, group.cameras[j].name
+    message = (f"{name}: cameras '{a}' ([cam_{i}]) and '{b}' ([cam_{j}]) have exactly the same "
+               "parameters; one of them was copied by mistake")
+    others = np.ones(len(group.cameras), bool)
+    others[[i, j]] = False
+    if others.sum() < min_views:
+        return message
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    errors = triangulate_labels(subset, {name: group}, min_views=min_views,
+                                view_weights=others).reproj_error
+    med = {view: _stats(errors[view])[1] for view in pair}
+    if not all(np.isfinite(list(med.values()))):
+        return message
+    copy, kept = (j, i) if med[j] > med[i] else (i, j)
+    return (f"{message}: the other cameras place the labels {med[copy]:.1f} px (median) from "
+            f"camera '{group.cameras[copy].name}' and {med[kept]:.1f} px from "
+            f"'{group.cameras[kept].name}', so camera '{group.cameras[copy].name}' holds the "
+            "wrong parameters")
+
+
+def image_size_problems(name: str, group: CameraGroup, labels: MultiviewLabels) -> list[str]:
+    """Camera `size` against the first labelled image of each view (skipped for bbox crops)."""
+    if labels.bboxes is not None:
+        return []
+    frames = np.flatnonzero(labels.calibration_files == name)
+    problems = []
+    for view, cam in enumerate(group.cameras):
+        image = labels.data_dir / labels.image_paths[view, frames[0]]
+        size = image_size(image)
+        if tuple(size) != tuple(cam.size):
+            problems.append(
+                f"{name}: camera '{cam.name}' has size {list(cam.size)} (width, height) but "
+                f"image {image} is {size[0]}x{size[1]}"
+            )
+    return problems
+
+
+# a camera needs this many triangulated labels to have its reprojection error checked
+MIN_CHECK_POINTS = 3
+
+
+def _stats(errors: np.ndarray) -> tuple[int, float, float]:
+    """(count, median, p90) of the finite values."""
+    finite = errors[np.isfinite(errors)]
+    if finite.size == 0:
+        return 0, float("nan"), float("nan")
+    return int(finite.size), float(np.median(finite)), float(np.percentile(finite, 90))
+
+
+def camera_errors(
+    labels: MultiviewLabels, name: str, group: CameraGroup, min_views: int
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Per-camera reprojection statistics, with each camera in and left out.
+
+    Returns the table, errors_in (views, points) and errors_out (views, points) in pixels.
+    """
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    groups = {name: group}
+    errors_in = triangulate_labels(subset, groups, min_views=min_views).reproj_error
+    n_views = len(group.cameras)
+    errors_out = np.stack(
+        [
+            triangulate_labels(
+                subset, groups, min_views=min_views, view_weights=np.arange(n_views) != view
+            ).reproj_error[view]
+            for view in range(n_views)
+        ]
+    )
+    rows = []
+    for view, cam in enumerate(group.cameras):
+        n_in, med_in, p90_in = _stats(errors_in[view])
+        n_out, med_out, p90_out = _stats(errors_out[view])
+        rows.append(
+            dict(
+                calibration=name, camera=cam.name, n_points=n_in, median_px=med_in,
+                p90_px=p90_in, n_points_left_out=n_out, median_left_out_px=med_out,
+                p90_left_out_px=p90_out,
+            )
+        )
+    shape = (n_views, -1)
+    return pd.DataFrame(rows), errors_in.reshape(shape), errors_out.reshape(shape)
+
+
+def culprits(
+    labels: MultiviewLabels, name: str, group: CameraGroup, min_views: int, max_px: float
+) -> list[str]:
+    """Cameras to blame when some median exceeds `max_px`: drop the worst left-out camera
+    until the rest agree. One bad camera inflates everyone's error; this finds which."""
+    subset = labels.select(np.flatnonzero(labels.calibration_files == name))
+    keep = np.ones(len(group.cameras), bool)
+    blamed: list[str] = []
+    while keep.sum() > min_views:
+        result = triangulate_labels(subset, {name: group}, min_views=min_views, view_weights=keep)
+        medians = np.array([_stats(result.reproj_error[v])[1] for v in range(len(keep))])
+        if np.all(np.nan_to_num(medians[keep]) <= max_px):
+            return blamed
+        loo = np.full(len(keep), -np.inf)
+        for view in np.flatnonzero(keep):
+            weights = keep & (np.arange(len(keep)) != view)
+            loo[view] = np.nan_to_num(
+                _stats(
+                    triangulate_labels(
+                        subset, {name: group}, min_views=min_views, view_weights=weights
+                    ).reproj_error[view]
+                )[1],
+                nan=-np.inf,
+            )
+        worst = int(np.argmax(loo))
+        keep[worst] = False
+        blamed.append(group.cameras[worst].name)
+    return blamed or [group.cameras[int(np.nanargmax(medians))].name]
+
+
+def validate(
+    labels: MultiviewLabels, max_px: float, min_views: int
+) -> tuple[dict, pd.DataFrame, dict[str, tuple[CameraGroup, np.ndarray, np.ndarray]]]:
+    """Run every check; raise ParallaxError listing the fatal problems, else return results."""
+    groups = load_calibrations(labels)
+    problems: list[str] = []
+    for name, group in groups.items():
+        problems += structural_problems(name, group) + image_size_problems(name, group, labels)
+        problems += [identical_problem(labels, name, group, pair, min_views)
+                     for pair in identical_pairs(group)]
+    if problems:
+        raise ParallaxError("; ".join(problems))
+    tables, arrays = [], {}
+    for name, group in groups.items():
+        table, errors_in, errors_out = camera_errors(labels, name, group, min_views)
+        tables.append(table)
+        arrays[name] = (group, errors_in, errors_out)
+    table = pd.concat(tables, ignore_index=True)
+    log.info("per-camera reprojection error:\n%s", table.to_string(index=False))
+    for name, rows in table.groupby("calibration", sort=False):
+        few = rows[rows.n_points < MIN_CHECK_POINTS]
+        if len(few):
+            cams = ", ".join(f"'{row.camera}' ({row.n_points})" for row in few.itertuples())
+            problems.append(
+                f"{name}: camera(s) {cams} have fewer than {MIN_CHECK_POINTS} labelled keypoints "
+                f"that are also labelled in another view (min_views {min_views}), so the "
+                f"calibration cannot be checked; label more frames in these views"
+            )
+    if problems:
+        raise ParallaxError("; ".join(problems))
+    for name, group in groups.items():
+        rows = table[table.calibration == name]
+        if (rows.median_px > max_px).any():
+            blamed = culprits(labels, name, group, min_views, max_px)
+            worst = rows.set_index("camera").loc[blamed]
+            details = ", ".join(
+                f"'{cam}' median {row.median_px:.2f} px (left out {row.median_left_out_px:.2f} px)"
+                for cam, row in worst.iterrows()
+            )
+            problems.append(
+                f"{name}: camera(s) {details} exceed calibration.max_median_reproj_px = "
+                f"{max_px:g}; the other cameras agree without them"
+            )
+    if problems:
+        raise ParallaxError("; ".join(problems))
+    relative = {name: relative_path(name, labels.data_dir) for name in groups}
+    table["calibration"] = table["calibration"].map(relative)
+    summary = {
+        "passed": True,
+        "max_median_reproj_px": max_px,
+        "frames": int(labels.n_frames),
+        "frames_without_calibration": int(np.sum(labels.calibration_files == "")),
+        "calibrations": {
+            relative[name]: {
+                "cameras": list(group.names),
+                "frames": int(np.sum(labels.calibration_files == name)),
+                "all_view_median_px": float(np.nanmedian(arrays[name][1])),
+                "median_px": dict(zip(group.names,
+                                      table[table.calibration == relative[name]].median_px,
+                                      strict=True)),
+            }
+            for name, group in groups.items()
+        },
+    }
+    return summary, table, arrays

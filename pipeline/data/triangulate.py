@@ -1,0 +1,166 @@
+"""Triangulation of a labelled multi-view dataset, one calibration's frames at a time."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import ParallaxError
+from pipeline.data.paths import relative_path
+from pipeline.data.project import MultiviewLabels, frame_keys
+from pipeline.geometry.cameras import CameraGroup
+from pipeline.io.calibration_toml import read_calibration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelTriangulation:
+    """3D of every labelled frame, in calibration units.
+
+    points_3d: (frames, keypoints, 3), NaN where fewer than `min_views` views labelled the point
+    reproj_error: (views, frames, keypoints) pixels, NaN where the view has no label or no 3D
+    n_views: (frames, keypoints) number of views whose labels were used
+    calibrated: (frames,) whether a calibration file was found for the frame
+    """
+
+    points_3d: np.ndarray
+    reproj_error: np.ndarray
+    n_views: np.ndarray
+    calibrated: np.ndarray
+
+
+def load_calibrations(labels: MultiviewLabels, required: bool = True) -> dict[str, CameraGroup]:
+    """Every calibration file the dataset's frames use (path -> cameras, checked against the view
+    names). No calibration at all is an error when `required`, else a warning and {}."""
+    files = sorted({path for path in labels.calibration_files if path})
+    if not files and not required:
+        log.warning("no frame has a calibration: no 3D")
+        return {}
+    if not files:
+        raise ParallaxError(
+            f"{labels.data_dir}: no calibration found for any labelled frame; expected "
+            "calibrations/<session>.toml or calibration.toml (or data.camera_params_file)"
+        )
+    missing = int(np.sum(labels.calibration_files == ""))
+    if missing:
+        log.warning("%d of %d frames have no calibration: no 3D", missing, labels.n_frames)
+    return {path: read_calibration(Path(path), view_names=labels.view_names) for path in files}
+
+
+def triangulate_labels(
+    labels: MultiviewLabels,
+    groups: dict[str, CameraGroup],
+    *,
+    min_views: int = 2,
+    view_weights: np.ndarray | None = None,
+) -> LabelTriangulation:
+    """Triangulate every labelled keypoint with its frame's calibration.
+
+    view_weights: optional (views,) weights; a zero leaves that camera out of the triangulation
+    (its reprojection error is still measured, which is how leave-one-out validation works).
+    """
+    n_views, n_frames, n_kp = labels.points_2d.shape[:3]
+    points_3d = np.full((n_frames, n_kp, 3), np.nan)
+    used = np.zeros((n_frames, n_kp), dtype=int)
+    reproj = np.full((n_views, n_frames, n_kp), np.nan)
+    for path, group in groups.items():
+        frames = np.flatnonzero(labels.calibration_files == path)
+        observed = labels.points_2d[:, frames]
+        weights = None
+        if view_weights is not None:
+            finite = np.isfinite(observed).all(axis=-1)
+            weights = np.where(finite, np.asarray(view_weights, float)[:, None, None], 0.0)
+        result = group.triangulate(observed, weights=weights, min_views=min_views)
+        points_3d[frames] = result.points_3d
+        used[frames] = result.n_views
+        reproj[:, frames] = group.reprojection_error(result.points_3d, observed)
+    return LabelTriangulation(
+        points_3d=points_3d,
+        reproj_error=reproj,
+        n_views=used,
+        calibrated=labels.calibration_files != "",
+    )
+
+
+def view_counts(labels: MultiviewLabels) -> np.ndarray:
+    """(frames, keypoints) number of views that labelled each keypoint."""
+    return np.isfinite(labels.points_2d).all(axis=-1).sum(axis=0)
+
+
+def points_table(labels: MultiviewLabels, tri: LabelTriangulation) -> pd.DataFrame:
+    """One row per frame: image, session, calibration, then per keypoint x, y, z, error, ncams."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
+        mean_error = np.nanmean(tri.reproj_error, axis=0)
+    columns: dict[str, np.ndarray | list] = {
+        "image": frame_keys(labels),
+        "session": list(labels.sessions),
+        "calibration": [relative_path(p, labels.data_dir) if p else ""
+                        for p in labels.calibration_files],
+    }
+    for k, name in enumerate(labels.keypoint_names):
+        for axis, suffix in enumerate("xyz"):
+            columns[f"{name}_{suffix}"] = tri.points_3d[:, k, axis]
+        columns[f"{name}_error"] = mean_error[:, k]
+        columns[f"{name}_ncams"] = tri.n_views[:, k]
+    return pd.DataFrame(columns)
+
+
+def outliers_table(
+    labels: MultiviewLabels, tri: LabelTriangulation, threshold: float
+) -> pd.DataFrame:
+    """Labels reprojecting further than `threshold` px from their 3D point, worst first."""
+    view, frame, kp = np.nonzero(np.nan_to_num(tri.reproj_error, nan=-1.0) > threshold)
+    keys = np.asarray(frame_keys(labels), dtype=object)
+    table = pd.DataFrame(
+        {
+            "image": keys[frame],
+            "view": np.asarray(labels.view_names, dtype=object)[view],
+            "keypoint": np.asarray(labels.keypoint_names, dtype=object)[kp],
+            "reprojection_px": tri.reproj_error[view, frame, kp],
+            "label_x": labels.points_2d[view, frame, kp, 0],
+            "label_y": labels.points_2d[view, frame, kp, 1],
+            "ncams": tri.n_views[frame, kp],
+        }
+    )
+    return table.sort_values("reprojection_px", ascending=False, kind="stable")
+
+
+def _median(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else None
+
+
+def summarize(labels: MultiviewLabels, tri: LabelTriangulation, min_views: int,
+              n_outliers: int, threshold: float) -> dict:
+    """Counts and median reprojection errors per view and per keypoint."""
+    counts = view_counts(labels)
+    calibrated = tri.calibrated[:, None]
+    return {
+        "frames": int(labels.n_frames),
+        "frames_without_calibration": int((~tri.calibrated).sum()),
+        "keypoints": list(labels.keypoint_names),
+        "views": list(labels.view_names),
+        "labelled_points": int(np.isfinite(labels.points_2d).all(axis=-1).sum()),
+        "triangulated": int(np.isfinite(tri.points_3d).all(axis=-1).sum()),
+        "too_few_views": int(((counts > 0) & (counts < min_views) & calibrated).sum()),
+        "too_few_views_explained": f"keypoints labelled in 1..{min_views - 1} views: no 3D",
+        "unlabelled": int((counts == 0).sum()),
+        "no_calibration": int(((counts > 0) & ~calibrated).sum()),
+        "median_reprojection_px": _median(tri.reproj_error),
+        "median_reprojection_px_per_view": {
+            view: _median(tri.reproj_error[v]) for v, view in enumerate(labels.view_names)
+        },
+        "median_reprojection_px_per_keypoint": {
+            kp: _median(tri.reproj_error[:, :, k]) for k, kp in enumerate(labels.keypoint_names)
+        },
+        "outlier_threshold_px": threshold,
+        "outliers": n_outliers,
+        "units": "calibration units (as in calibration.toml translation)",
+    }

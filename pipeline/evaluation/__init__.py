@@ -1,0 +1,1 @@
+"""Evaluation: metrics, tables, plots and drawings for the report."""

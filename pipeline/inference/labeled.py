@@ -1,0 +1,140 @@
+"""Predict every labelled frame, with view dropout, triangulate the predictions and tabulate
+their errors."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.data.images import frame_from_image, read_image
+from pipeline.data.project import MultiviewLabels
+from pipeline.data.triangulate import load_calibrations
+from pipeline.inference.predictor import (
+    LoadedModel,
+    predict,
+    prepare_views,
+    triangulate_predictions,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_frame(labels: MultiviewLabels, frame: int,
+               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One labelled frame's model images (V, H, W, 3) and frame_from_model (V, 2, 3)."""
+    images = [read_image(labels.data_dir / p) for p in labels.image_paths[:, frame]]
+    if labels.bboxes is None:
+        return prepare_views(images, None, size)
+    return prepare_views(images, labels.bboxes[:, frame], size,
+                         image_to_frame=frame_from_image(labels, frame, images))
+
+
+def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.ndarray,
+                   batch_size: int, threads: int, view_dropout: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predict every frame, a batch of frames at a time.
+
+    dropout: (N,) bool, the frames of the view-dropout run. Returns points (V, N, K, 2) frame
+    px, confidence (V, N, K) and the dropout predictions (V_blanked, V, N_d, K, 2) (empty
+    first axis without `view_dropout`).
+    """
+    n, v, k = labels.n_frames, labels.n_views, labels.n_keypoints
+    points, confidence = np.full((n, v, k, 2), np.nan), np.full((n, v, k), np.nan)
+    blanked = np.full((v if view_dropout else 0, n, v, k, 2), np.nan)
+    eye = np.eye(v, dtype=bool)
+    starts = range(0, n, batch_size)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for start in tqdm(starts, desc="predict", unit="batch", disable=None):
+            frames = np.arange(start, min(start + batch_size, n))
+            loaded_frames = list(pool.map(lambda f: load_frame(labels, int(f),
+                                                               loaded.image_size), frames))
+            images = np.stack([item[0] for item in loaded_frames])  # (b, V, H, W, 3)
+            to_frame = np.stack([item[1] for item in loaded_frames])  # (b, V, 2, 3)
+            points[frames], confidence[frames] = predict(loaded, images, to_frame,
+                                                         batch_size=batch_size)
+            chosen = np.flatnonzero(dropout[frames])
+            if view_dropout and chosen.size:
+                # every chosen frame once per blanked view, in one batched call: (V·c, V, ...)
+                reps = np.repeat(chosen[None], v, axis=0).ravel()
+                mask = np.repeat(eye, chosen.size, axis=0)
+                xy, _ = predict(loaded, images[reps], to_frame[reps], blank_mask=mask,
+                                batch_size=batch_size)
+                blanked[:, frames[chosen]] = xy.reshape(v, chosen.size, v, k, 2)
+    return (points.transpose(1, 0, 2, 3), confidence.transpose(1, 0, 2),
+            blanked[:, dropout].transpose(0, 2, 1, 3, 4))
+
+
+def pixel_errors(points: np.ndarray, labels_2d: np.ndarray) -> np.ndarray:
+    """(..., 2) predictions and labels (NaN = unlabelled) -> (...) distances, NaN unlabelled."""
+    return np.linalg.norm(points - labels_2d, axis=-1)
+
+
+def triangulate_all(labels: MultiviewLabels, points: np.ndarray, confidence: np.ndarray,
+                    min_confidence: float, min_views: int) -> dict[str, np.ndarray]:
+    """3D of the predictions of every calibrated frame (NaN elsewhere), per calibration."""
+    n, k = labels.n_frames, labels.n_keypoints
+    out = {"points_3d": np.full((n, k, 3), np.nan), "error": np.full((n, k), np.nan),
+           "n_views": np.zeros((n, k), int), "score": np.full((n, k), np.nan)}
+    for path, group in load_calibrations(labels, required=False).items():
+        frames = np.flatnonzero(labels.calibration_files == path)
+        tri = triangulate_predictions(points[:, frames], confidence[:, frames], group,
+                                      min_confidence, min_views)
+        out["points_3d"][frames] = tri.points_3d
+        out["error"][frames] = tri.mean_error
+        out["n_views"][frames] = tri.n_views
+        out["score"][frames] = tri.score
+    return out
+
+
+def error_3d_table(keys: Sequence[str], sets: np.ndarray, keypoint_names: Sequence[str],
+                   tri: dict[str, np.ndarray], truth: np.ndarray) -> pd.DataFrame:
+    """Long table frame x keypoint: error_3d, reprojection_error_px, n_views."""
+    n, k = truth.shape[:2]
+    frame, kp = np.divmod(np.arange(n * k), k)
+    return pd.DataFrame({
+        "frame": np.asarray(keys, dtype=object)[frame],
+        "set": sets[frame],
+        "keypoint": np.asarray(keypoint_names, dtype=object)[kp],
+        "error_3d": np.linalg.norm(tri["points_3d"] - truth, axis=-1).ravel(),
+        "reprojection_error_px": tri["error"].ravel(),
+        "n_views": tri["n_views"].ravel(),
+    })
+
+
+def dropout_table(errors: np.ndarray, names: Sequence[str], view_names: Sequence[str],
+                  keypoint_names: Sequence[str], set_name: str) -> pd.DataFrame:
+    """errors (B, V, N, K) px (B = blanked runs named `names`) -> the long view_dropout table."""
+    b, v, _, k = errors.shape
+    finite = np.isfinite(errors)
+    count = finite.sum(axis=2)  # (B, V, K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # unlabelled everywhere -> NaN
+        mean, median = np.nanmean(errors, axis=2), np.nanmedian(errors, axis=2)
+    blank, view, kp = (idx.ravel() for idx in np.indices((b, v, k)))
+    return pd.DataFrame({
+        "blanked_view": np.asarray(names, dtype=object)[blank],
+        "view": np.asarray(view_names, dtype=object)[view],
+        "keypoint": np.asarray(keypoint_names, dtype=object)[kp],
+        "set": set_name, "n": count.ravel(), "mean_px": mean.ravel(),
+        "median_px": median.ravel(),
+    })
+
+
+def dropout_frames(sets: np.ndarray) -> tuple[str, np.ndarray]:
+    """The set used for view dropout (test, else val) and its frame mask."""
+    for name in ("test", "val"):
+        if (sets == name).any():
+            return name, sets == name
+    log.warning("no test or val frames: view_dropout.csv will be empty")
+    return "test", np.zeros(sets.shape, bool)
+
+
+def nannan_median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else float("nan")

@@ -1,0 +1,112 @@
+"""Predict a session's synchronised videos (one per view), streamed in batches."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.core.errors import ParallaxError
+from pipeline.geometry.cameras import CameraGroup
+from pipeline.inference.predictor import (
+    LoadedModel,
+    predict,
+    prepare_views,
+)
+from pipeline.io.video import VideoInfo, check_synchronised, iter_batches, split_name
+
+
+class FrameSink(Protocol):
+    """Receives every batch as it is predicted (e.g. a labelled-video writer)."""
+
+    def write(self, frames: list[list[np.ndarray]], points: np.ndarray,
+              confidence: np.ndarray) -> None: ...
+
+
+@dataclass
+class VideoPredictions:
+    """points (V, N, K, 2) frame px; confidence (V, N, K); seconds spent per step."""
+
+    points: np.ndarray
+    confidence: np.ndarray
+    fps: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return self.points.shape[1]
+
+
+def check_videos(videos: Sequence[Path], view_names: Sequence[str], session: str) -> None:
+    """Video i must be `<session>_<view i>.<ext>`: views are matched by name, not position."""
+    if len(videos) != len(view_names):
+        raise ParallaxError(f"session '{session}': {len(videos)} video(s) for "
+                            f"{len(view_names)} views {list(view_names)}")
+    for path, view in zip(videos, view_names, strict=True):
+        if split_name(Path(path), view_names) != (session, view):
+            raise ParallaxError(f"{path}: expected the video of session '{session}' view "
+                                f"'{view}', named {session}_{view}.<ext> (videos must be "
+                                "given in view order)")
+
+
+def check_calibration(group: CameraGroup, path: Path, infos: Sequence[VideoInfo],
+                      videos: Sequence[Path]) -> None:
+    """Each camera's calibrated image size must be its video's frame size."""
+    for cam, info, video in zip(group.cameras, infos, videos, strict=True):
+        if tuple(cam.size) != (info.width, info.height):
+            raise ParallaxError(f"{path}: camera '{cam.name}' is calibrated for "
+                                f"{cam.size[0]}x{cam.size[1]} images but {video} is "
+                                f"{info.width}x{info.height}")
+
+
+def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: int = 8,
+                    infos: Sequence[VideoInfo] | None = None,
+                    labeled: FrameSink | None = None,
+                    progress: str = "") -> VideoPredictions:
+    """Run the model over synchronised videos (in the model's view order), batch by batch."""
+    infos = list(infos) if infos is not None else check_synchronised(videos)
+    timings = dict.fromkeys(("decode", "prepare", "model", "draw"), 0.0)
+    points, confidence = [], []
+    batches = iter_batches(videos, batch_size, infos)
+    bar = tqdm(total=infos[0].frame_count, unit="frame", desc=progress or None, disable=None,
+               leave=False)
+    try:
+        while True:
+            tic = time.perf_counter()
+            item = next(batches, None)
+            timings["decode"] += time.perf_counter() - tic
+            if item is None:
+                break
+            frames = item[1]
+            tic = time.perf_counter()
+            # one prepare_views call per frame instant (it warps V views with OpenCV)
+            prepared = [prepare_views([view[i] for view in frames], None, loaded.image_size)
+                        for i in range(len(frames[0]))]
+            images = np.stack([p[0] for p in prepared])  # (b, V, H, W, 3)
+            frame_from_model = np.stack([p[1] for p in prepared])  # (b, V, 2, 3)
+            timings["prepare"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            xy, conf = predict(loaded, images, frame_from_model)  # (b, V, K, 2), (b, V, K)
+            timings["model"] += time.perf_counter() - tic
+            if labeled is not None:
+                tic = time.perf_counter()
+                labeled.write(frames, xy, conf)
+                timings["draw"] += time.perf_counter() - tic
+            points.append(xy)
+            confidence.append(conf)
+            bar.update(len(images))
+            del item, frames, prepared  # hold at most one batch of frames
+    finally:
+        bar.close()
+        batches.close()
+    v, k = len(loaded.view_names), len(loaded.keypoint_names)
+    all_xy = np.concatenate(points) if points else np.zeros((0, v, k, 2))
+    all_conf = np.concatenate(confidence) if confidence else np.zeros((0, v, k))
+    return VideoPredictions(points=all_xy.transpose(1, 0, 2, 3),
+                            confidence=all_conf.swapaxes(0, 1), fps=infos[0].fps,
+                            timings=timings)

@@ -1,0 +1,157 @@
+"""Stage `predict_labeled`: run a trained model on every labelled frame; 2D, 3D and view dropout.
+
+Every labelled frame (all sets of `splits.csv`) is read at its original resolution, resized for
+the model exactly like the cache's evaluation samples (`inference.prepare_views`), predicted, and
+mapped back to frame pixels. Writes into `--out-dir`:
+
+- `predictions_<view>.csv` (DLC layout, likelihood = confidence, `set` column) and
+  `predictions_<view>_pixel_error.csv` (Euclidean error vs the label, NaN where unlabelled);
+- `predictions_3d.csv` (anipose pose-3d layout + `frame`, `set`): confidence-weighted DLT of
+  the predictions with the frame's calibration; frames without calibration get NaN (counted in
+  the log);
+- `error_3d.csv`: per frame and keypoint, the distance to the ground-truth triangulation
+  (`labels_3d.csv`), the mean reprojection error and the number of views used;
+- `view_dropout.csv`: on the test frames (val if there are none), every view blanked in turn
+  (input = the normalised mean, as patch masking does) with the others intact; error of every
+  view vs its label per keypoint. `blanked_view = none` is the intact run. For the multi-view
+  transformer the blanked view's keypoints come from cross-view attention; for the single-view
+  model the blanked view simply fails. `--no-view-dropout` keeps only the `none` rows.
+
+All outputs appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.core.atomic import atomic_paths
+from pipeline.core.cli import add_dataset_args, setup_logging
+from pipeline.core.errors import ParallaxError, run_main
+from pipeline.data.project import frame_keys, load_dataset
+from pipeline.data.splits import read_splits
+from pipeline.data.tables import read_points_3d
+from pipeline.data.triangulate import load_calibrations
+from pipeline.inference.labeled import (
+    dropout_frames,
+    dropout_table,
+    error_3d_table,
+    nan_median,
+    pixel_errors,
+    predict_frames,
+    triangulate_all,
+)
+from pipeline.inference.predictor import (
+    load_model,
+)
+from pipeline.io.predictions_csv import write_pixel_error, write_pose_3d, write_predictions_2d
+
+log = logging.getLogger("parallax.predict_labeled")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.predict_labeled",
+                                     description=__doc__.splitlines()[0])
+    add_dataset_args(parser)
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="results/models/<model>/best.pt (the folder name is the scorer)")
+    parser.add_argument("--splits", type=Path, required=True, help="results/cache/splits.csv")
+    parser.add_argument("--labels-3d", type=Path, required=True,
+                        help="results/triangulation/labels_3d.csv (ground-truth 3D)")
+    parser.add_argument("--out-dir", type=Path, required=True,
+                        help="results/models/<model>/predictions/")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per batch")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (torch and image loading; rule {threads})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="views below this confidence are left out of the 3D")
+    parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
+    parser.add_argument("--no-view-dropout", action="store_true",
+                        help="skip the view-dropout runs (view_dropout.csv: intact rows only)")
+    return parser
+
+
+def output_paths(out_dir: Path, view_names: Sequence[str]) -> list[Path]:
+    """Every output, in the order `_body` writes them."""
+    per_view = [out_dir / f"predictions_{v}{suffix}.csv" for v in view_names
+                for suffix in ("", "_pixel_error")]
+    return [*per_view, *(out_dir / f"{name}.csv" for name in
+                         ("predictions_3d", "error_3d", "view_dropout"))]
+
+
+def _body(argv: Sequence[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.batch_size < 1 or args.min_views < 2:
+        raise ParallaxError("--batch-size must be >= 1 and --min-views >= 2")
+    torch.set_num_threads(max(1, args.threads))
+    labels = load_dataset(args)
+    loaded = load_model(args.checkpoint, args.device, view_names=labels.view_names,
+                        keypoint_names=labels.keypoint_names)
+    keys = frame_keys(labels)
+    sets = read_splits(args.splits, keys)
+    truth = read_points_3d(args.labels_3d, labels)
+    load_calibrations(labels, required=False)  # calibration problems surface before the long part
+    dropout_set, dropout = dropout_frames(sets)
+    view_dropout = not args.no_view_dropout
+    log.info("model %s (%s, input %dx%d) on %s: %d frames, %d views; view dropout on %d %s "
+             "frames%s", loaded.name, loaded.model_type, *loaded.image_size, loaded.device,
+             labels.n_frames, labels.n_views, int(dropout.sum()), dropout_set,
+             "" if view_dropout else " (off)")
+    points, confidence, blanked = predict_frames(loaded, labels, dropout, args.batch_size,
+                                                 args.threads, view_dropout)
+    errors = pixel_errors(points, labels.points_2d)  # (V, N, K)
+    tri = triangulate_all(labels, points, confidence, args.min_confidence, args.min_views)
+    uncalibrated = int((labels.calibration_files == "").sum())
+    if uncalibrated:
+        log.warning("%d of %d frames have no calibration: their 3D is NaN", uncalibrated,
+                    labels.n_frames)
+    runs = np.concatenate([points[None, :, dropout], blanked])  # (1 + V, V, N_d, K, 2)
+    drop_errors = pixel_errors(runs, labels.points_2d[None, :, dropout])
+    names = ["none", *labels.view_names][:len(runs)]
+    drop_table = dropout_table(drop_errors, names, labels.view_names, labels.keypoint_names,
+                               dropout_set)
+    # both 3D tables name a frame by its first view's label-CSV key
+    error_3d = error_3d_table(labels.image_paths[0], sets, labels.keypoint_names, tri, truth)
+    for name in ("train", "val", "test"):
+        chosen = sets == name
+        if chosen.any():
+            log.info("%s: median pixel error %.2f px over %d labelled points; median 3D error "
+                     "%.3f", name, nan_median(errors[:, chosen]),
+                     int(np.isfinite(errors[:, chosen]).sum()),
+                     nan_median(error_3d["error_3d"].to_numpy()[np.repeat(chosen,
+                                                                       labels.n_keypoints)]))
+    for b, name in enumerate(names[1:], start=1):
+        log.info("view dropout, %s blanked: median error in %s %.2f px (intact %.2f px), "
+                 "other views %.2f px (intact %.2f px)", name, name,
+                 nan_median(drop_errors[b, b - 1]), nan_median(drop_errors[0, b - 1]),
+                 nan_median(np.delete(drop_errors[b], b - 1, axis=0)),
+                 nan_median(np.delete(drop_errors[0], b - 1, axis=0)))
+    paths = output_paths(args.out_dir, labels.view_names)
+    with atomic_paths(*paths) as tmp:
+        for v in range(labels.n_views):
+            index = list(labels.image_paths[v])
+            write_predictions_2d(tmp[2 * v], index, labels.keypoint_names, points[v],
+                                 confidence[v], loaded.name, sets)
+            write_pixel_error(tmp[2 * v + 1], index, labels.keypoint_names, errors[v], sets)
+        write_pose_3d(tmp[-3], labels.keypoint_names, tri["points_3d"], tri["error"],
+                      tri["n_views"], tri["score"], {"frame": list(labels.image_paths[0]),
+                                                      "set": sets})
+        error_3d.to_csv(tmp[-2], index=False)
+        drop_table.to_csv(tmp[-1], index=False)
+    log.info("wrote %d files to %s", len(paths), args.out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

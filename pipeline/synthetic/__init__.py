@@ -1,0 +1,1 @@
+"""The bundled synthetic example: the scene (animal, arena, cameras) and its renderer."""

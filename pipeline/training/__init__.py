@@ -1,0 +1,2 @@
+"""Training: configuration, the loop, loss terms and their weights, runtime helpers, distributed
+data parallel."""

@@ -1,0 +1,83 @@
+"""What a training run is: TrainConfig (from the workflow config, LP key names) and the
+hash that decides whether a checkpoint may be resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from pipeline.core.digest import code_digest
+
+#: the stage module whose imports make up the code part of the resume hash
+TRAIN_STAGE = "pipeline.stages.train"
+#: TrainConfig values that do not change the trained weights (left out of the resume hash)
+RUNTIME_KEYS = ("device", "num_workers", "num_gpus", "ckpt_every_n_steps", "val_batch_size")
+
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `model`, `data`, `training` and `losses` values training uses (LP key names)."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    max_epochs: int = 300
+    max_steps: int | None = None
+    train_batch_size: int = 8  # global: split over the torchrun processes
+    val_batch_size: int = 16
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.05
+    unfreezing_epoch: int = 0
+    grad_clip: float = 1.0
+    check_val_every_n_epoch: int = 5
+    ckpt_every_n_steps: int = 200
+    precision: str = "fp32"
+    device: str = "auto"
+    num_workers: int | str = "auto"
+    num_gpus: int = 1  # the rule's torchrun switch; here only checked against WORLD_SIZE
+    seed: int = 0
+    patch_mask: dict[str, Any] = field(default_factory=dict)
+    imgaug: str = "dlc"
+    heatmap_sigma: float = 1.25
+    pairwise_log_weight: float | None = None
+    reprojection_log_weight: float | None = None
+    loss_warmup_epochs: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrainConfig:
+        training, loss_cfg = config.get("training", {}), config.get("losses", {})
+        pairwise = loss_cfg.get("supervised_pairwise_projections") or {}
+        reprojection = loss_cfg.get("supervised_reprojection_heatmap_mse") or {}
+        keys = {f for f in cls.__dataclass_fields__} & set(training)
+        optimizer = training.get("optimizer_params") or {}
+        if "learning_rate" in optimizer:
+            keys.add("learning_rate")
+            training = {**training, "learning_rate": optimizer["learning_rate"]}
+        return cls(
+            model=dict(config.get("model", {})), data=dict(config.get("data", {})),
+            **{key: training[key] for key in keys if key not in ("model", "data")},
+            seed=int(training.get("rng_seed_model_pt", 0)),
+            heatmap_sigma=float(loss_cfg.get("heatmap_sigma", 1.25)),
+            pairwise_log_weight=pairwise.get("log_weight"),
+            reprojection_log_weight=reprojection.get("log_weight"),
+            loss_warmup_epochs=float(loss_cfg.get("warmup_epochs", 0.0)),
+        )
+
+
+def train_config_hash(cfg: TrainConfig, caches: dict[str, Path]) -> str:
+    """Digest of what shapes the trained weights: TrainConfig minus RUNTIME_KEYS, each
+    cache's config_hash and input_hash attributes, and the source of every pipeline module the
+    train stage imports (edited model or loss code never resumes an old run)."""
+    values: dict[str, Any] = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_KEYS}
+    values["code"] = code_digest(TRAIN_STAGE)
+    for name, path in caches.items():
+        with h5py.File(path, "r") as h5:
+            values[name] = {k: str(h5.attrs.get(k)) for k in ("config_hash", "input_hash")}
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
