@@ -29,6 +29,7 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/smooth.smk"
 
 
 rule all:
@@ -41,6 +42,11 @@ rule all:
         "results/comparison/comparison.csv",
         expand(
             "results/models/{model}/videos/{session}_3d.csv",
+            model=MODEL_NAMES,
+            session=VIDEO_SESSIONS,
+        ),
+        expand(
+            "results/models/{model}/videos/{session}_smoothed_3d.csv",
             model=MODEL_NAMES,
             session=VIDEO_SESSIONS,
         ),

@@ -155,8 +155,8 @@ def main() -> None:
     import cv2
     import torch
 
-    from pipeline.stages.generate_example import view_names_for
     from pipeline.synthetic.generate import generate_example
+    from pipeline.synthetic.scene import view_names_for
 
     # one thread per process for both paths (what DataLoader workers get): on shared, busy cores
     # torch's and OpenCV's thread pools otherwise spend most of their time waiting for each other

@@ -75,8 +75,8 @@ from pipeline.io.labels_csv import read_label_csv  # noqa: E402
 from pipeline.io.video import check_synchronised  # noqa: E402
 from pipeline.models.model import MultiviewTransformer  # noqa: E402
 from pipeline.stages import predict_video  # noqa: E402
-from pipeline.stages.generate_example import generate_example  # noqa: E402
 from pipeline.stages.predict_video import output_paths, write_outputs  # noqa: E402
+from pipeline.synthetic.generate import generate_example  # noqa: E402
 
 STEPS = ("decode", "prepare", "forward", "heatmaps", "triangulate", "write")
 

@@ -37,8 +37,8 @@ def main() -> None:
     import torch
 
     from pipeline.stages import cache_augmentations, triangulate_labels
-    from pipeline.stages.generate_example import view_names_for
     from pipeline.synthetic.generate import generate_example
+    from pipeline.synthetic.scene import view_names_for
     from pipeline.training.config import TrainConfig
     from pipeline.training.trainer import Trainer
 

@@ -124,15 +124,17 @@ def write_fake_predictions(data_dir: Path, root: Path, seed: int = 0) -> dict:
     proj, _ = M.project_frames(pred_3d, labels.calibration_files, groups, labels.n_views)
     pred_2d = proj + rng.normal(0, 1.5, proj.shape)
     pred_2d = np.where(np.isfinite(pred_2d), pred_2d, 5.0)  # no 3D: a far-off guess
+    raw_2d = pred_2d + rng.normal(0, 4.0, pred_2d.shape)  # the "network's own" predictions
     pred_dir = root / "predictions"
     pred_dir.mkdir()
     for v, view in enumerate(views):
-        write_predictions_2d(pred_dir / f"predictions_{view}.csv", labels.image_paths[v],
-                             labels.keypoint_names, pred_2d[v],
-                             np.full(pred_2d.shape[1:3], 0.9), "fake", sets)
-        err = np.linalg.norm(pred_2d[v] - labels.points_2d[v], axis=-1)
-        write_pixel_error(pred_dir / f"predictions_{view}_pixel_error.csv",
-                          labels.image_paths[v], labels.keypoint_names, err, sets)
+        for kind, points in (("", pred_2d[v]), ("_raw", raw_2d[v])):
+            write_predictions_2d(pred_dir / f"predictions_{view}{kind}.csv",
+                                 labels.image_paths[v], labels.keypoint_names, points,
+                                 np.full(pred_2d.shape[1:3], 0.9), "fake", sets)
+            err = np.linalg.norm(points - labels.points_2d[v], axis=-1)
+            write_pixel_error(pred_dir / f"predictions_{view}{kind}_pixel_error.csv",
+                              labels.image_paths[v], labels.keypoint_names, err, sets)
     n_frames, n_kp = pred_3d.shape[:2]
     write_pose_3d(pred_dir / "predictions_3d.csv", labels.keypoint_names, pred_3d,
                   np.zeros((n_frames, n_kp)), np.full((n_frames, n_kp), 3),
@@ -144,17 +146,19 @@ def write_fake_predictions(data_dir: Path, root: Path, seed: int = 0) -> dict:
                   "keypoint": np.array(labels.keypoint_names)[k], "error_3d": e3[f, k],
                   "reprojection_error_px": 0.0, "n_views": 3}).to_csv(pred_dir / "error_3d.csv",
                                                                        index=False)
-    dropout = [(b, v, kp, "test", 4, 2.0 + 8.0 * (b == v), 2.0) for b in ["none", *views]
+    dropout = [(kind, b, v, kp, "test", 4, 2.0 + gap * (b == v), 2.0)
+               for kind, gap in (("final", 8.0), ("raw", 50.0)) for b in ["none", *views]
                for v in views for kp in labels.keypoint_names]
-    pd.DataFrame(dropout, columns=["blanked_view", "view", "keypoint", "set", "n", "mean_px",
-                                   "median_px"]).to_csv(pred_dir / "view_dropout.csv",
-                                                        index=False)
+    pd.DataFrame(dropout, columns=["predictions", "blanked_view", "view", "keypoint", "set", "n",
+                                   "mean_px", "median_px"]).to_csv(pred_dir / "view_dropout.csv",
+                                                                   index=False)
     metrics_csv = root / "metrics.csv"
     pd.DataFrame({"step": [1, 2, 3], "epoch": [0, 0, 1], "heatmap_mse": [3.0, 2.0, 1.0],
                   "loss": [3.0, 2.0, 1.0], "mask_ratio": [0.0, 0.1, 0.2],
                   "val_loss": [np.nan, 2.5, 1.5]}).to_csv(metrics_csv, index=False)
     return {"labels": labels, "groups": groups, "gt_3d": tri.points_3d, "pred_3d": pred_3d,
-            "pred_2d": pred_2d, "sets": sets, "pred_dir": pred_dir, "labels_3d": labels_3d,
+            "pred_2d": pred_2d, "raw_2d": raw_2d, "sets": sets, "pred_dir": pred_dir,
+            "labels_3d": labels_3d,
             "splits": splits_csv, "metrics_csv": metrics_csv}
 
 
@@ -208,12 +212,27 @@ def test_evaluate_numbers_match_independent_computation(evaluated):
                 if (cam.R @ point + cam.tvec)[2] > 0 and 0 <= uv[0] <= cam.size[0] - 1 \
                         and 0 <= uv[1] <= cam.size[1] - 1:
                     occluded.append(np.linalg.norm(fake["pred_2d"][v, f, k] - uv))
-    assert got["occluded_n"] == len(occluded)
-    if occluded:
-        assert got["occluded_mean_px"] == pytest.approx(np.mean(occluded))
+    assert got["occluded_n"] == len(occluded) > 5
+    assert got["occluded_mean_px"] == pytest.approx(np.mean(occluded))
     assert got["labelled_mean_px"] == pytest.approx(finite.mean())
     assert got["dropped_view_mean_px"] == pytest.approx(10.0)
     assert got["dropped_view_intact_mean_px"] == pytest.approx(2.0)
+    # the reprojection error: the 3D prediction projected back vs the 2D prediction, computed
+    # here camera by camera
+    reproj = []
+    for f in np.flatnonzero(test):
+        group = fake["groups"][labels.calibration_files[f]]
+        for v, cam in enumerate(group.cameras):
+            for k in range(labels.n_keypoints):
+                point = fake["pred_3d"][f, k]
+                if np.isfinite(point).all():
+                    reproj.append(np.linalg.norm(cam.project(point) - fake["pred_2d"][v, f, k]))
+    assert got["reprojection_mean_px"] == pytest.approx(np.mean(reproj))
+    # the raw network output is evaluated beside the final predictions
+    raw = np.linalg.norm(fake["raw_2d"][:, test] - labels.points_2d[:, test], axis=-1)
+    assert got["raw_median_px"] == pytest.approx(np.nanmedian(raw))
+    assert got["raw_median_px"] > got["median_px"] + 1.0
+    assert got["raw_dropped_view_mean_px"] == pytest.approx(52.0)
     per_kp = pd.read_csv(out_dir / "per_keypoint.csv")
     v, k = 1, 2
     row = per_kp[(per_kp["set"] == "test") & (per_kp["view"] == labels.view_names[v])
@@ -292,8 +311,8 @@ def test_no_test_frames_still_writes_everything(example_dir, evaluated, tmp_path
 def _fake_summary(path: Path, mean: float, dropped: float | None, headline: str = "test"):
     entry = {"n_frames": 3, "n": 30, "mean_px": mean, "median_px": mean / 2, "pck_5px": 0.5,
              "pck_10px": 0.7, "pck_20px": 0.9, "pck_bbox_0.1": 0.6, "error_3d_mean": 2.0,
-             "reprojection_mean_px": 1.0, "occluded_mean_px": 3 * mean,
-             "dropped_view_mean_px": dropped}
+             "reprojection_mean_px": 1.0, "occluded_median_px": 3 * mean,
+             "dropped_view_mean_px": dropped, "raw_occluded_median_px": 5 * mean}
     sets = {"train": {**entry, "mean_px": 0.1}, "val": entry, "test": entry}
     path.write_text(json.dumps({"headline_set": headline, "sets": sets}))
 
@@ -311,7 +330,8 @@ def test_compare_models_table_and_plot(tmp_path):
     assert table["model"].tolist() == ["mvt", "singleview"]
     assert table["set"].tolist() == ["test", "test"]
     assert table["mean_px"].tolist() == [4.0, 2.0]
-    assert table["occluded_mean_px"].tolist() == [12.0, 6.0]
+    assert table["occluded_median_px"].tolist() == [12.0, 6.0]
+    assert table["raw_occluded_median_px"].tolist() == [20.0, 10.0]
     assert table.loc[0, "dropped_view_mean_px"] == 9.0
     assert np.isnan(table.loc[1, "dropped_view_mean_px"])
     assert list(table.columns[6:10]) == ["pck_5px", "pck_10px", "pck_20px", "pck_bbox_0.1"]

@@ -13,9 +13,9 @@ import pytest
 
 from pipeline.core.errors import ParallaxError
 from pipeline.data.project import load_labels
-from pipeline.geometry.cameras import CameraGroup
-from pipeline.stages.generate_example import KEYPOINT_COLOURS
+from pipeline.io.calibration_toml import read_calibration
 from pipeline.synthetic.generate import generate_example
+from pipeline.synthetic.render import KEYPOINT_COLOURS
 
 SMALL = dict(seed=5, n_sessions=2, frames_per_session=8, n_views=3, image_size=(160, 128))
 VIEWS = ("cam0", "cam1", "cam2")
@@ -106,7 +106,7 @@ def test_single_view_keypoints_occur_at_default_size(tmp_path):
 
 def test_calibrations_per_session(data):
     truth = np.load(data / "ground_truth.npz")
-    groups = [CameraGroup.load(data / "calibrations" / f"session{s}.toml") for s in (0, 1)]
+    groups = [read_calibration(data / "calibrations" / f"session{s}.toml") for s in (0, 1)]
     for group in groups:
         assert group.names == VIEWS
         for cam in group.cameras:
@@ -136,7 +136,7 @@ def test_triangulation_recovers_truth_per_session(example_dir):
     checked = 0
     for session in ("session0", "session1"):
         rows = truth["sessions"] == session
-        group = CameraGroup.load(example_dir / "calibrations" / f"{session}.toml", views)
+        group = read_calibration(example_dir / "calibrations" / f"{session}.toml", views)
         result = group.triangulate(labels.points_2d[:, rows])
         seen = truth["visible"][:, rows].sum(0) >= 2
         scale = np.ptp(truth["points_3d"][rows][seen], axis=0).max()
@@ -226,7 +226,7 @@ def test_replaces_atomically(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr("pipeline.stages.generate_example.render", broken)
+    monkeypatch.setattr("pipeline.synthetic.generate.render", broken)
     with pytest.raises(RuntimeError):
         small(out, n_sessions=1, frames_per_session=2)
     assert (out / "stale.txt").is_file()  # a failed run leaves the old dataset untouched

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io.calibration_toml import write_calibration
+from pipeline.io.calibration_toml import read_calibration, write_calibration
 from pipeline.stages import cache_augmentations, train, triangulate_labels, validate_calibration
 from tests.conftest import dataset_cli_args
 
@@ -154,10 +154,9 @@ def keep_labels(path: Path, keep: int) -> None:
 
 
 def duplicate_camera(data: Path) -> str:
-    from pipeline.geometry.cameras import CameraGroup
 
     toml = first_toml(data)
-    group = CameraGroup.load(toml)
+    group = read_calibration(toml)
     cams = list(group.cameras)
     text = toml.read_text().replace(f'name = "{cams[1].name}"', f'name = "{cams[0].name}"')
     toml.write_text(text)
@@ -168,7 +167,7 @@ def reorder_cameras(data: Path) -> None:
     from pipeline.geometry.cameras import CameraGroup
 
     toml = first_toml(data)
-    group = CameraGroup.load(toml)
+    group = read_calibration(toml)
     write_calibration(CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata), toml)
 @dataclass
 class Case:

@@ -12,12 +12,12 @@ from torch import nn
 
 from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import Camera, CameraGroup
+from pipeline.inference.consensus import ConsensusSettings, consensus
 from pipeline.inference.predictor import (
     LoadedModel,
     load_model,
     predict,
     prepare_views,
-    triangulate_predictions,
 )
 from pipeline.io.predictions_csv import (
     read_pixel_error,
@@ -185,34 +185,56 @@ def make_group(n_views: int = 4) -> CameraGroup:
     return CameraGroup(cameras=tuple(cams))
 
 
-def test_triangulate_predictions_recovers_points_and_ignores_zero_confidence():
+def test_consensus_recovers_points_and_rejects_a_wrong_view():
     group = make_group()
     rng = np.random.default_rng(0)
     truth = rng.uniform(-40, 40, (5, 3, 3))  # (N, K, 3)
     points = group.project(truth)  # (V, N, K, 2)
-    conf = rng.uniform(0.3, 1.0, points.shape[:-1])
-    tri = triangulate_predictions(points, conf, group)
-    np.testing.assert_allclose(tri.points_3d, truth, atol=1e-6)
-    assert (tri.n_views == 4).all() and np.nanmax(tri.reproj_error) < 1e-6
-    np.testing.assert_allclose(tri.score, conf.mean(axis=0))
-    # view 2 is wrong by 60 px: with full confidence the 3D moves, with zero it is ignored
+    conf = rng.uniform(0.6, 1.0, points.shape[:-1])
+    agreed = consensus(points, conf, group, 1.0, ConsensusSettings(0.5, 6.0))
+    np.testing.assert_allclose(agreed.points_3d, truth, atol=1e-6)
+    assert (agreed.n_views == 4).all() and np.nanmax(agreed.reproj_error) < 1e-6
+    assert not agreed.replaced.any()
+    np.testing.assert_allclose(agreed.score, conf.mean(axis=0))
+    # view 2 is 60 px off at full confidence: a plain weighted DLT moves, the consensus
+    # rejects the view, keeps the 3D exact and replaces view 2 by the true projection
     wrong = points.copy()
     wrong[2] += 60.0
-    bad = triangulate_predictions(wrong, np.ones_like(conf), group)
-    assert np.abs(bad.points_3d - truth).max() > 1.0
-    conf0 = conf.copy()
-    conf0[2] = 0.0
-    good = triangulate_predictions(wrong, conf0, group)
-    np.testing.assert_allclose(good.points_3d, truth, atol=1e-6)
-    assert (good.n_views == 3).all() and np.isnan(good.reproj_error[2]).all()
-    np.testing.assert_allclose(good.score, conf[[0, 1, 3]].mean(axis=0))
-    # a low confidence below min_confidence is ignored too; too few views -> NaN
-    conf_low = conf.copy()
-    conf_low[2] = 0.1
-    thresholded = triangulate_predictions(wrong, conf_low, group, min_confidence=0.2)
-    np.testing.assert_allclose(thresholded.points_3d, truth, atol=1e-6)
-    few = triangulate_predictions(points, conf, group, min_confidence=0.2, min_views=5)
-    assert np.isnan(few.points_3d).all() and np.isnan(few.mean_error).all()
+    plain = group.triangulate(wrong, weights=np.ones_like(conf)).points_3d
+    assert np.abs(plain - truth).max() > 1.0
+    agreed = consensus(wrong, np.ones_like(conf), group, 1.0, ConsensusSettings(0.5, 6.0))
+    np.testing.assert_allclose(agreed.points_3d, truth, atol=1e-6)
+    assert (agreed.n_views == 3).all() and np.isnan(agreed.reproj_error[2]).all()
+    assert agreed.replaced[2].all() and not agreed.replaced[[0, 1, 3]].any()
+    np.testing.assert_allclose(agreed.final, points, atol=1e-6)
+    np.testing.assert_allclose(agreed.final[[0, 1, 3]], wrong[[0, 1, 3]])
+    # the threshold is in model pixels: with 20 frame px per model px, 60 px is 3 model px,
+    # an inlier, kept as predicted
+    loose = consensus(wrong, np.ones_like(conf), group, 20.0, ConsensusSettings(0.5, 6.0))
+    assert not loose.replaced.any() and (loose.n_views == 4).all()
+
+
+def test_consensus_fills_unsure_and_missing_views_and_keeps_lonely_ones():
+    group = make_group()
+    truth = np.random.default_rng(1).uniform(-40, 40, (4, 2, 3))
+    points = group.project(truth)
+    conf = np.full(points.shape[:-1], 0.9)
+    points[1, 0] += 3.0  # a small error at low confidence: replaced anyway
+    conf[1, 0] = 0.2
+    points[3, 1] = np.nan  # no prediction at all: filled by the reprojection
+    conf[3, 1] = np.nan
+    agreed = consensus(points, conf, group, 1.0, ConsensusSettings(0.5, 6.0))
+    assert agreed.replaced[1, 0].all() and agreed.replaced[3, 1].all()
+    np.testing.assert_allclose(agreed.final, group.project(truth), atol=1e-6)
+    assert (agreed.n_views[0] == 3).all() and (agreed.n_views[1] == 3).all()
+    # a keypoint seen by one view only: no 3D, the view keeps its prediction
+    alone = points.copy()
+    alone[1:, 2:] = np.nan
+    conf2 = np.where(np.isfinite(alone).all(-1), 0.9, np.nan)
+    lonely = consensus(alone, conf2, group, 1.0)
+    assert np.isnan(lonely.points_3d[2:]).all() and (lonely.n_views[2:] == 0).all()
+    np.testing.assert_array_equal(lonely.final[0, 2:], alone[0, 2:])
+    assert not lonely.replaced[:, 2:].any()
 
 
 def test_prediction_csvs_round_trip(tmp_path):

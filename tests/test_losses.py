@@ -18,10 +18,21 @@ SIGMA, STRIDE, SIZE = 1.25, 4, 64  # heatmaps 16 x 16
 HM = SIZE // STRIDE
 
 
+SCENES: dict[int, tuple] = {}
+
+
+def model_px(points_3d: np.ndarray, seed: int) -> np.ndarray:
+    """(B, K, 3) world points -> (B, V, K, 2) model pixels of `make_batch(seed)`'s crops."""
+    group, lin, offset = SCENES[seed]
+    frame = np.moveaxis(group.project(points_3d), 0, 1)
+    return np.linalg.solve(lin[:, :, None], (frame - offset[:, :, None])[..., None])[..., 0]
+
+
 def make_batch(seed: int = 0, batch: int = 3, keypoints: int = 5,
                models: tuple[str, ...] = ("pinhole5", "pinhole8", "fisheye"),
                dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    """A noise-free calibrated batch: random cameras, 3D poses, per-view crops (with rotation)."""
+    """A noise-free calibrated batch: random cameras, 3D poses, per-view crops (with rotation);
+    `model_px(points, seed)` projects other 3D points into the same crops."""
     rng = np.random.default_rng(seed)
     group = random_group(rng, list(models))
     points = rng.uniform(-300, 300, size=(batch, keypoints, 3))
@@ -33,6 +44,7 @@ def make_batch(seed: int = 0, batch: int = 3, keypoints: int = 5,
     lin = scale[..., None, None] * rot.reshape(*scale.shape, 2, 2)
     offset = centre - lin @ np.full(2, (SIZE - 1) / 2)
     affine = np.concatenate([lin, offset[..., None]], -1)  # (B, V, 2, 3) model -> frame
+    SCENES[seed] = (group, lin, offset)
     model = np.linalg.solve(lin[:, :, None], (frame - offset[:, :, None])[..., None])[..., 0]
     assert ((model > 0) & (model < SIZE - 1)).all()
     out = {k: v.to(dtype) if v.is_floating_point() else v
@@ -238,3 +250,78 @@ def test_gradients_reach_heatmap_logits_float32() -> None:
         heatmaps = torch.softmax(logits.flatten(-2), -1).view(logits.shape)
         fn(decoding.soft_argmax(heatmaps, STRIDE)).backward()
         assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def moved_predictions(seed: int, shift: np.ndarray) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """make_batch(seed) and predictions that are the exact projections of the 3D points moved
+    by `shift` (B, K, 3): every view pair triangulates them at exactly points + shift."""
+    batch = make_batch(seed=seed)
+    moved = batch["keypoints_3d"].numpy() + shift
+    return batch, torch.tensor(model_px(moved, seed)), moved
+
+
+def test_pairwise_loss_is_the_mean_3d_distance_in_closed_form() -> None:
+    rng = np.random.default_rng(11)
+    shift = rng.normal(scale=5.0, size=(3, 5, 3))  # mm
+    batch, pred, _ = moved_predictions(5, shift)
+    distance = np.linalg.norm(shift, axis=-1)  # (B, K): the same for every view pair
+    points = batch["keypoints_3d"].numpy()
+    extent = np.sqrt(((points - points.mean(1, keepdims=True)) ** 2).sum(-1).mean(1))  # (B,)
+    world, metrics = losses.pairwise_projection_loss(pred, batch, "world")
+    assert world.item() == pytest.approx(distance.mean(), rel=1e-6)  # Euclidean, not squared
+    assert metrics["pairwise_dist_world"].item() == pytest.approx(distance.mean(), rel=1e-6)
+    assert metrics["pairwise_count"] == 3 * 3 * 5  # samples x view pairs x keypoints
+    pose, _ = losses.pairwise_projection_loss(pred, batch, "pose")
+    assert pose.item() == pytest.approx((distance / extent[:, None]).mean(), rel=1e-6)
+
+
+def test_pairwise_pose_scale_is_unit_free() -> None:
+    """The same rig in metres: 2D identical, 3D / 1000: the pose-scaled loss is unchanged, the
+    world one 1000x smaller."""
+    shift = np.random.default_rng(12).normal(scale=4.0, size=(3, 5, 3))
+    batch, pred, _ = moved_predictions(6, shift)
+    metres = dict(batch)
+    metres["extrinsics"] = batch["extrinsics"].clone()
+    metres["extrinsics"][..., 3] /= 1000.0
+    metres["keypoints_3d"] = batch["keypoints_3d"] / 1000.0
+    for scale, ratio in (("pose", 1.0), ("world", 1e-3)):
+        mm = losses.pairwise_projection_loss(pred, batch, scale)[0].item()
+        m = losses.pairwise_projection_loss(pred, metres, scale)[0].item()
+        assert m == pytest.approx(ratio * mm, rel=1e-6)
+
+
+def render_numpy(points: np.ndarray, size: int, sigma: float) -> np.ndarray:
+    """Normalised Gaussians (..., size, size) at heatmap points (..., 2), written afresh."""
+    grid = np.arange(size, dtype=float)
+    gx = np.exp(-((grid - points[..., :1]) ** 2) / (2 * sigma**2))
+    gy = np.exp(-((grid - points[..., 1:]) ** 2) / (2 * sigma**2))
+    maps = gy[..., :, None] * gx[..., None, :]
+    return maps / maps.sum((-2, -1), keepdims=True)
+
+
+def test_reprojection_loss_in_closed_form() -> None:
+    """Predictions that are exact projections of moved 3D points triangulate to them and
+    reproject onto themselves: the loss is the heatmap MSE between Gaussians at the
+    predictions and at the labels, rendered independently here."""
+    shift = np.random.default_rng(13).normal(scale=1.5, size=(3, 5, 3))
+    batch, pred, _ = moved_predictions(7, shift)
+    loss, metrics = losses.reprojection_heatmap_loss(pred, targets(batch), batch, SIGMA, STRIDE)
+    pred_hm = (pred.numpy() + 0.5) / STRIDE - 0.5  # model -> heatmap coordinates
+    label_hm = (batch["keypoints_2d"].numpy() + 0.5) / STRIDE - 0.5
+    expected = ((render_numpy(pred_hm, HM, SIGMA) - render_numpy(label_hm, HM, SIGMA)) ** 2
+                ).sum((-2, -1)).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    error = np.linalg.norm(pred.numpy() - batch["keypoints_2d"].numpy(), axis=-1).mean()
+    assert metrics["reprojection_error_px"].item() == pytest.approx(error, rel=1e-6)
+
+
+def test_reprojection_compares_hidden_views_only_when_asked() -> None:
+    batch, pred, _ = moved_predictions(8, np.full((3, 5, 3), 2.0))
+    target = targets(batch)
+    hidden = torch.zeros_like(batch["keypoints_valid"])
+    hidden[0, 1, 2] = True  # keypoint 2 of sample 0 not clicked in view 1, target projected
+    batch["keypoints_valid"] = batch["keypoints_valid"] & ~hidden
+    _, clicked = losses.reprojection_heatmap_loss(pred, target, batch, SIGMA, STRIDE)
+    _, both = losses.reprojection_heatmap_loss(pred, target, batch, SIGMA, STRIDE,
+                                               compared=batch["keypoints_valid"] | hidden)
+    assert clicked["reprojection_count"] == 44 and both["reprojection_count"] == 45

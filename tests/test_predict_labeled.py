@@ -137,9 +137,16 @@ def test_3d_outputs(example_dir, trained, mvt_run):
 
 def test_view_dropout_table(example_dir, trained, mvt_run):
     views = [str(v) for v in np.load(example_dir / "ground_truth.npz")["view_names"]]
-    table = pd.read_csv(mvt_run / "view_dropout.csv")
-    assert list(table.columns) == ["blanked_view", "view", "keypoint", "set", "n", "mean_px",
-                                   "median_px"]
+    both = pd.read_csv(mvt_run / "view_dropout.csv")
+    assert list(both.columns) == ["predictions", "blanked_view", "view", "keypoint", "set", "n",
+                                  "mean_px", "median_px"]
+    assert list(dict.fromkeys(both["predictions"])) == ["final", "raw"]
+    table = both[both["predictions"] == "final"]
+    # the blanked view gets the reprojection of the other views' 3D point: far better than
+    # the raw prediction of a blank image
+    raw = both[both["predictions"] == "raw"]
+    blanked = [(t["blanked_view"] == t["view"]) & (t["n"] > 0) for t in (table, raw)]
+    assert table.loc[blanked[0], "mean_px"].mean() < raw.loc[blanked[1], "mean_px"].mean()
     assert list(dict.fromkeys(table["blanked_view"])) == ["none", *views]
     splits = pd.read_csv(trained["splits"])
     assert set(table["set"]) == {"test"} and (splits["set"] == "test").any()

@@ -17,6 +17,7 @@ import torch
 from pipeline.core.errors import ParallaxError
 from pipeline.inference.predictor import load_model, predict, prepare_views
 from pipeline.io import video as video_io
+from pipeline.io.calibration_toml import read_calibration
 from pipeline.stages import cache_augmentations, predict_video, triangulate_labels
 from pipeline.synthetic.generate import generate_example
 from pipeline.training.config import TrainConfig
@@ -96,15 +97,16 @@ def test_end_to_end_one_row_per_frame(trained, tmp_path):
     assert predict_video.main(cli(trained, out)) == 0
     views = trained["views"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"session0_{v}.csv" for v in views] + ["session0_3d.csv", "session0_trajectories.png"])
+        [f"session0_{v}{kind}.csv" for v in views for kind in ("", "_raw")]
+        + ["session0_3d.csv", "session0_trajectories.png"])
     loaded = load_model(trained["checkpoint"], "cpu")
     videos = session_videos(trained)
     frames = [read_frames(p) for p in videos]  # V x (N, H, W, 3)
     assert [len(f) for f in frames] == [VIDEO_FRAMES] * len(views)
     assert video_io.probe(videos[0]).frame_count == VIDEO_FRAMES
     tables = []
-    for view in views:
-        table = pd.read_csv(out / f"session0_{view}.csv", header=[0, 1, 2], index_col=0)
+    for view in views:  # the raw network output
+        table = pd.read_csv(out / f"session0_{view}_raw.csv", header=[0, 1, 2], index_col=0)
         assert table.index.tolist() == list(range(VIDEO_FRAMES))
         assert table.columns.get_level_values(0)[0] == "tiny"  # scorer = the model's name
         assert list(table.columns.get_level_values(1)[::3]) == loaded.keypoint_names
@@ -118,14 +120,25 @@ def test_end_to_end_one_row_per_frame(trained, tmp_path):
         xy, conf = predict(loaded, images[None], frame_from_model[None])
         np.testing.assert_allclose(written[:, n, :, :2], xy[0], atol=1e-3)
         np.testing.assert_allclose(written[:, n, :, 2], conf[0], atol=1e-5)
+    # the final predictions: where a view was replaced, the reprojection of the 3D point
+    final = np.stack([pd.read_csv(out / f"session0_{v}.csv", header=[0, 1, 2], index_col=0)
+                      .to_numpy(float).reshape(VIDEO_FRAMES, -1, 3) for v in views])
+    np.testing.assert_array_equal(final[..., 2], written[..., 2])  # likelihood: the network's
     pose = pd.read_csv(out / "session0_3d.csv")
+    names = loaded.keypoint_names
+    points_3d = pose[[f"{k}_{a}" for k in names for a in "xyz"]].to_numpy(float)
+    group = read_calibration(trained["data"] / "calibrations" / "session0.toml", views)
+    reprojected = group.project(points_3d.reshape(VIDEO_FRAMES, len(names), 3))
+    replaced = np.abs(final[..., :2] - written[..., :2]).max(-1) > 1e-6
+    assert replaced.any()
+    np.testing.assert_allclose(final[..., :2][replaced], reprojected[replaced], atol=1e-3)
     assert len(pose) == VIDEO_FRAMES and pose["fnum"].tolist() == list(range(VIDEO_FRAMES))
     for kp in loaded.keypoint_names:
         for suffix in ("x", "y", "z", "error", "ncams", "score"):
             assert f"{kp}_{suffix}" in pose.columns
     assert {"M_00", "M_22", "center_0", "center_2"} <= set(pose.columns)
     assert "frame" not in pose.columns and "set" not in pose.columns
-    assert (pose[[f"{kp}_ncams" for kp in loaded.keypoint_names]] == len(views)).all().all()
+    assert (pose[[f"{kp}_ncams" for kp in loaded.keypoint_names]] >= 2).all().all()
     assert np.isfinite(pose[[f"{kp}_z" for kp in loaded.keypoint_names]].to_numpy()).all()
 
 
@@ -133,7 +146,8 @@ def test_labeled_video_and_skeleton(trained, tmp_path, capsys):
     out = tmp_path / "videos"
     loaded = load_model(trained["checkpoint"], "cpu")
     kp = loaded.keypoint_names
-    assert predict_video.main(cli(trained, out, None, "--labeled-video", "--skeleton",
+    assert predict_video.main(cli(trained, out, None, "--labeled-video", "--min-confidence",
+                                  "0", "--skeleton",
                                   kp[0], kp[1], kp[1], kp[2])) == 0
     for view, source in zip(trained["views"], session_videos(trained), strict=True):
         labeled = read_frames(out / f"session0_{view}_labeled.mp4")

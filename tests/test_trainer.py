@@ -108,9 +108,8 @@ def test_bad_configs(small_cache, tmp_path):
         trainer(small_cache, tmp_path, bad_size)
     bad_precision = json.loads(json.dumps(TINY))
     bad_precision["training"]["precision"] = "fp16"
-    run = trainer(small_cache, tmp_path, bad_precision)
-    with pytest.raises(ParallaxError, match="fp16"):
-        run.fit()
+    with pytest.raises(ParallaxError, match="fp16"):  # refused before any step
+        trainer(small_cache, tmp_path, bad_precision)
 
 
 def test_train_stage_cli(small_cache, tmp_path):

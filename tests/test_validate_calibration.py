@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.io.calibration_toml import write_calibration
+from pipeline.io.calibration_toml import read_calibration, write_calibration
 from pipeline.stages import validate_calibration
 from tests.conftest import dataset_cli_args
 
@@ -98,7 +98,7 @@ def test_perturbed_camera_is_blamed_by_reprojection(example_copy, tmp_path, caps
 
     views = views_of(example_copy)
     toml = sorted((example_copy / "calibrations").glob("*.toml"))[0]
-    group = CameraGroup.load(toml)
+    group = read_calibration(toml)
     cams = list(group.cameras)
     bad = cams[1]
     turn = cv2.Rodrigues(np.array([0.0, np.deg2rad(2.0), 0.0]))[0]  # about the camera's y
@@ -135,7 +135,7 @@ def test_missing_camera(example_copy, tmp_path, capsys):
 
     views = views_of(example_copy)
     toml = first_toml(example_copy)
-    group = CameraGroup.load(toml)
+    group = read_calibration(toml)
     write_calibration(CameraGroup(cameras=group.cameras[:-1], metadata=group.metadata), toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
     assert_failed(code, paths, capsys, toml.name, views[-1])
@@ -146,7 +146,7 @@ def test_camera_order_differs_from_view_names(example_copy, tmp_path, capsys):
 
     views = views_of(example_copy)
     toml = first_toml(example_copy)
-    group = CameraGroup.load(toml)
+    group = read_calibration(toml)
     write_calibration(CameraGroup(cameras=group.cameras[::-1], metadata=group.metadata), toml)
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
     assert_failed(code, paths, capsys, toml.name, views[0], views[-1])

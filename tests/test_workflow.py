@@ -25,7 +25,7 @@ TINY = {
 
 
 def example_views(n: int) -> list[str]:
-    from pipeline.stages.generate_example import view_names_for
+    from pipeline.synthetic.scene import view_names_for
 
     return list(view_names_for(n))
 
@@ -165,7 +165,7 @@ def test_full_run_rerun_report_and_single_stage(tmp_path):
     assert "cache_augmentations" in plan.stdout and "triangulate_labels" not in plan.stdout
 
     # a prediction setting reruns prediction and evaluation only
-    changed = write_config(tmp_path / "c4.yaml", prediction={"min_confidence": 0.1})
+    changed = write_config(tmp_path / "c4.yaml", prediction={"consensus": {"min_confidence": 0.1}})
     plan = snakemake(tmp_path, changed, "-n")
     assert plan.returncode == 0, plan.stderr
     assert "predict_labeled" in plan.stdout and "rule train:" not in plan.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "pipeline"
@@ -53,6 +54,14 @@ def direct_imports(name: str, root: Path = ROOT) -> frozenset[str]:
     path = module_path(name, root)
     if path is None:
         return frozenset()
+    stat = path.stat()
+    return _parsed_imports(name, path, stat.st_mtime_ns, stat.st_size, root)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_imports(name: str, path: Path, mtime_ns: int, size: int, root: Path
+                    ) -> frozenset[str]:
+    """`direct_imports` of one version of a file (cached by its mtime and size)."""
     is_package = path.name == "__init__.py"
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):

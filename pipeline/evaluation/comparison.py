@@ -14,11 +14,13 @@ from pipeline.core.errors import ParallaxError
 log = logging.getLogger(__name__)
 
 #: metric columns after the PCKs, read from metrics.json's set entry
-TAIL = ("error_3d_mean", "reprojection_mean_px", "occluded_mean_px", "dropped_view_mean_px")
+TAIL = ("error_3d_mean", "reprojection_mean_px", "labelled_median_px", "occluded_median_px",
+        "dropped_view_mean_px", "raw_median_px", "raw_occluded_median_px",
+        "raw_dropped_view_mean_px")
 
 
-PLOTTED = ("mean_px", "median_px", "pck_10px", "error_3d_mean", "occluded_mean_px",
-           "dropped_view_mean_px")
+PLOTTED = ("median_px", "pck_10px", "error_3d_mean", "occluded_median_px",
+           "dropped_view_mean_px", "raw_occluded_median_px")
 
 
 def parse_metrics_args(items: Sequence[str]) -> dict[str, Path]:

@@ -137,7 +137,8 @@ def _text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float = 
 def draw_picture(path: Path, train_h5: Path, stats: BuildStats, max_frames: int = 2,
                  max_copies: int = 2) -> None:
     """PNG grid: rows = a few training frames, each original then its augmented copies;
-    columns = views. Labels drawn as dots in keypoint colours; augmented tiles give the view's
+    columns = views. Clicked labels drawn as dots in keypoint colours, projected targets of
+    keypoints hidden in a view as rings; augmented tiles give the view's
     similarity-fit residual; the footer summarises the residuals over the whole cache."""
     with h5py.File(train_h5, "r") as h5:
         copies, frames = h5["copy"][...], h5["frame_index"][...]
@@ -157,13 +158,16 @@ def draw_picture(path: Path, train_h5: Path, stats: BuildStats, max_frames: int 
         tiles = []
         for row in rows:
             row_tiles = []
+            sources = h5["label_source"][row]
             for view, (image, points) in enumerate(zip(h5["images"][row],
                                                        h5["keypoints_2d"][row], strict=True)):
                 image = cv2.resize(image, None, fx=up, fy=up, interpolation=cv2.INTER_NEAREST)
                 for k in np.flatnonzero(np.isfinite(points).all(-1)):
                     centre = tuple(int(round(c)) for c in (points[k] + 0.5) * up * 16 - 8)
+                    colour = tuple(int(c) for c in colours[k])
                     cv2.circle(image, centre, 3 * 16, (0, 0, 0), 2, cv2.LINE_AA, shift=4)
-                    cv2.circle(image, centre, 3 * 16, tuple(int(c) for c in colours[k]), -1,
+                    # clicked: filled dot; projected (hidden in this view): ring
+                    cv2.circle(image, centre, 3 * 16, colour, -1 if sources[view, k] == 1 else 1,
                                cv2.LINE_AA, shift=4)
                 _text(image, views[view], (4, image.shape[0] - 6))
                 if copies[row] > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.core.errors import ParallaxError
 from pipeline.data.project import MultiviewLabels, frame_keys
 from pipeline.data.splits import read_splits
-from pipeline.data.tables import read_frame_table
+from pipeline.data.tables import read_points_3d
 from pipeline.data.triangulate import load_calibrations
 from pipeline.geometry.cameras import CameraGroup
 from pipeline.io.predictions_csv import read_pixel_error, read_pose_3d, read_predictions_2d
@@ -36,11 +36,14 @@ class EvalInputs:
     """Everything `evaluate` reads, aligned to the dataset.
 
     sets: (frames,) train | val | test (splits.csv)
-    pred_2d: (views, frames, keypoints, 2) frame px; confidence: (views, frames, keypoints)
-    pixel_error_file: (views, frames, keypoints) the predict stage's pixel errors (cross-check)
+    pred_2d: (views, frames, keypoints, 2) frame px, the final (3D-consistent) predictions;
+    confidence: (views, frames, keypoints); raw_2d: the network's own predictions
+    pixel_error_file, raw_pixel_error_file: (views, frames, keypoints) the predict stage's pixel
+    errors (cross-check)
     pred_3d, gt_3d: (frames, keypoints, 3) calibration units
     error_3d_file: (frames, keypoints) the predict stage's 3D errors (cross-check)
-    view_dropout: the view_dropout.csv table; training: metrics.csv (maybe without rows)
+    view_dropout: the view_dropout.csv rows of the final predictions (raw_view_dropout: of the
+    raw ones); training: metrics.csv (maybe without rows)
     groups: calibration path -> cameras, for every calibration the frames use ({} if none)
     """
 
@@ -49,12 +52,20 @@ class EvalInputs:
     pred_2d: np.ndarray
     confidence: np.ndarray
     pixel_error_file: np.ndarray
+    raw_2d: np.ndarray
+    raw_pixel_error_file: np.ndarray
     pred_3d: np.ndarray
     gt_3d: np.ndarray
     error_3d_file: np.ndarray
     view_dropout: pd.DataFrame
+    raw_view_dropout: pd.DataFrame
     training: pd.DataFrame
     groups: dict[str, CameraGroup]
+
+    def raw(self) -> EvalInputs:
+        """The same inputs with the network's raw predictions in place of the final ones."""
+        return replace(self, pred_2d=self.raw_2d, pixel_error_file=self.raw_pixel_error_file,
+                       view_dropout=self.raw_view_dropout)
 
 
 def align_rows(path: Path, index: Sequence[str], expected: Sequence[str], what: str) -> np.ndarray:
@@ -93,12 +104,14 @@ def check_sets(path: Path, found: np.ndarray | None, order: np.ndarray, sets: np
                             f"'{sets[bad[0]]}'); rerun the predict stage")
 
 
-def read_view_predictions(pred_dir: Path, labels: MultiviewLabels, sets: np.ndarray):
-    """(pred_2d, confidence, pixel_error_file) from predictions_<view>[_pixel_error].csv."""
+def read_view_predictions(pred_dir: Path, labels: MultiviewLabels, sets: np.ndarray,
+                          kind: str = ""):
+    """(pred_2d, confidence, pixel_error_file) from predictions_<view><kind>[_pixel_error].csv
+    (kind "" = the final predictions, "_raw" = the network's own)."""
     points, confidence, errors = [], [], []
     for v, view in enumerate(labels.view_names):
         expected = [str(k) for k in labels.image_paths[v]]
-        path = pred_dir / f"predictions_{view}.csv"
+        path = pred_dir / f"predictions_{view}{kind}.csv"
         if not path.is_file():
             raise ParallaxError(f"{path}: predictions of view '{view}' not found")
         index, names, pts, conf, found_sets = read_predictions_2d(path)
@@ -107,7 +120,7 @@ def read_view_predictions(pred_dir: Path, labels: MultiviewLabels, sets: np.ndar
         check_sets(path, found_sets, order, sets)
         points.append(pts[order])
         confidence.append(conf[order])
-        path = pred_dir / f"predictions_{view}_pixel_error.csv"
+        path = pred_dir / f"predictions_{view}{kind}_pixel_error.csv"
         if not path.is_file():
             raise ParallaxError(f"{path}: pixel errors of view '{view}' not found")
         index, names, err, found_sets = read_pixel_error(path)
@@ -167,7 +180,15 @@ def read_error_3d(path: Path, labels: MultiviewLabels) -> np.ndarray:
 
 
 def read_view_dropout(path: Path, labels: MultiviewLabels) -> pd.DataFrame:
+    """view_dropout.csv, checked; a table without a `predictions` column is all final."""
     table = read_table(path, DROPOUT_COLUMNS, "view-dropout table")
+    if "predictions" not in table.columns:
+        table.insert(0, "predictions", "final")
+    bad = ~table["predictions"].isin(["final", "raw"])
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ParallaxError(f"{path}: line {row + 2}: predictions "
+                            f"'{table['predictions'].iloc[row]}' is not final or raw")
     table["blanked_view"] = table["blanked_view"].astype(str)
     table["view"] = table["view"].astype(str)
     for column, allowed in (("blanked_view", {*labels.view_names, "none"}),
@@ -185,19 +206,6 @@ def read_training_metrics(path: Path) -> pd.DataFrame:
     return read_table(path, ("step",), "training metrics")
 
 
-def read_labels_3d(path: Path, labels: MultiviewLabels) -> np.ndarray:
-    """(frames, keypoints, 3) ground truth from labels_3d.csv (triangulate_labels)."""
-    if not path.is_file():
-        raise ParallaxError(f"{path}: ground-truth 3D (labels_3d.csv) not found")
-    table = read_frame_table(path, frame_keys(labels), "triangulate_labels")
-    columns = [f"{kp}_{axis}" for kp in labels.keypoint_names for axis in "xyz"]
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ParallaxError(f"{path}: lacks column(s) {missing[:3]}...; its keypoints differ "
-                            "from the labels'; rerun triangulate_labels")
-    values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    return values.reshape(labels.n_frames, labels.n_keypoints, 3)
-
 
 def load_inputs(labels: MultiviewLabels, pred_dir: Path, labels_3d: Path, splits: Path,
                 metrics_csv: Path) -> EvalInputs:
@@ -205,16 +213,23 @@ def load_inputs(labels: MultiviewLabels, pred_dir: Path, labels_3d: Path, splits
     pred_dir = Path(pred_dir)
     sets = read_splits(splits, frame_keys(labels))
     pred_2d, confidence, pixel_error = read_view_predictions(pred_dir, labels, sets)
+    raw_2d, _, raw_pixel_error = read_view_predictions(pred_dir, labels, sets, "_raw")
+    dropout = read_view_dropout(pred_dir / "view_dropout.csv", labels)
+    if not Path(labels_3d).is_file():
+        raise ParallaxError(f"{labels_3d}: ground-truth 3D (labels_3d.csv) not found")
     return EvalInputs(
         labels=labels,
         sets=sets,
         pred_2d=pred_2d,
         confidence=confidence,
         pixel_error_file=pixel_error,
+        raw_2d=raw_2d,
+        raw_pixel_error_file=raw_pixel_error,
         pred_3d=read_pred_3d(pred_dir / "predictions_3d.csv", labels, sets),
-        gt_3d=read_labels_3d(Path(labels_3d), labels),
+        gt_3d=read_points_3d(Path(labels_3d), labels),
         error_3d_file=read_error_3d(pred_dir / "error_3d.csv", labels),
-        view_dropout=read_view_dropout(pred_dir / "view_dropout.csv", labels),
+        view_dropout=dropout[dropout["predictions"] == "final"],
+        raw_view_dropout=dropout[dropout["predictions"] == "raw"],
         training=read_training_metrics(Path(metrics_csv)),
         groups=load_calibrations(labels, required=False),
     )

@@ -24,7 +24,7 @@ from pipeline.core.atomic import atomic_path  # noqa: E402
 DPI = 100
 SET_COLOURS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
 #: columns of metrics.csv that are not loss terms
-NOT_LOSSES = {"step", "epoch", "mask_ratio", "loss_warmup", "lr", "lr_backbone", "data_time",
+NOT_LOSSES = {"step", "epoch", "mask_ratio", "anneal_weight", "lr", "lr_backbone", "data_time",
               "step_time"}
 
 

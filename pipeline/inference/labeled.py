@@ -1,5 +1,6 @@
-"""Predict every labelled frame, with view dropout, triangulate the predictions and tabulate
-their errors."""
+"""Predict every labelled frame (and, for view dropout, the test frames with each view blanked
+in turn), make the predictions agree in 3D (`pipeline.inference.consensus`) and tabulate the
+errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -15,12 +17,8 @@ from tqdm import tqdm
 from pipeline.data.images import frame_from_image, read_image
 from pipeline.data.project import MultiviewLabels
 from pipeline.data.triangulate import load_calibrations
-from pipeline.inference.predictor import (
-    LoadedModel,
-    predict,
-    prepare_views,
-    triangulate_predictions,
-)
+from pipeline.inference.consensus import ConsensusSettings, consensus, frame_scale
+from pipeline.inference.predictor import LoadedModel, predict, prepare_views
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +33,31 @@ def load_frame(labels: MultiviewLabels, frame: int,
                          image_to_frame=frame_from_image(labels, frame, images))
 
 
-def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.ndarray,
-                   batch_size: int, threads: int, view_dropout: bool
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predict every frame, a batch of frames at a time.
+@dataclass(frozen=True)
+class LabeledPredictions:
+    """The network's predictions of every labelled frame.
 
-    dropout: (N,) bool, the frames of the view-dropout run. Returns points (V, N, K, 2) frame
-    px, confidence (V, N, K) and the dropout predictions (V_blanked, V, N_d, K, 2) (empty
-    first axis without `view_dropout`).
+    points (V, N, K, 2) frame px, confidence (V, N, K), scale (V, N) frame px per model px;
+    dropout_points (B, V, N_d, K, 2) and dropout_confidence (B, V, N_d, K): the dropout frames
+    with view b blanked (B = V, or 0 without view dropout).
     """
+
+    points: np.ndarray
+    confidence: np.ndarray
+    scale: np.ndarray
+    dropout_points: np.ndarray
+    dropout_confidence: np.ndarray
+
+
+def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.ndarray,
+                   batch_size: int, threads: int, view_dropout: bool) -> LabeledPredictions:
+    """Predict every frame, a batch of frames at a time; dropout: (N,) bool, the frames of the
+    view-dropout runs."""
     n, v, k = labels.n_frames, labels.n_views, labels.n_keypoints
     points, confidence = np.full((n, v, k, 2), np.nan), np.full((n, v, k), np.nan)
+    scale = np.full((n, v), np.nan)
     blanked = np.full((v if view_dropout else 0, n, v, k, 2), np.nan)
+    blanked_conf = np.full((v if view_dropout else 0, n, v, k), np.nan)
     eye = np.eye(v, dtype=bool)
     starts = range(0, n, batch_size)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -56,6 +67,7 @@ def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.nda
                                                                loaded.image_size), frames))
             images = np.stack([item[0] for item in loaded_frames])  # (b, V, H, W, 3)
             to_frame = np.stack([item[1] for item in loaded_frames])  # (b, V, 2, 3)
+            scale[frames] = frame_scale(to_frame)
             points[frames], confidence[frames] = predict(loaded, images, to_frame,
                                                          batch_size=batch_size)
             chosen = np.flatnonzero(dropout[frames])
@@ -63,11 +75,14 @@ def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.nda
                 # every chosen frame once per blanked view, in one batched call: (V·c, V, ...)
                 reps = np.repeat(chosen[None], v, axis=0).ravel()
                 mask = np.repeat(eye, chosen.size, axis=0)
-                xy, _ = predict(loaded, images[reps], to_frame[reps], blank_mask=mask,
-                                batch_size=batch_size)
+                xy, conf = predict(loaded, images[reps], to_frame[reps], blank_mask=mask,
+                                   batch_size=batch_size)
                 blanked[:, frames[chosen]] = xy.reshape(v, chosen.size, v, k, 2)
-    return (points.transpose(1, 0, 2, 3), confidence.transpose(1, 0, 2),
-            blanked[:, dropout].transpose(0, 2, 1, 3, 4))
+                blanked_conf[:, frames[chosen]] = conf.reshape(v, chosen.size, v, k)
+    return LabeledPredictions(
+        points=points.transpose(1, 0, 2, 3), confidence=confidence.transpose(1, 0, 2),
+        scale=scale.T, dropout_points=blanked[:, dropout].transpose(0, 2, 1, 3, 4),
+        dropout_confidence=blanked_conf[:, dropout].transpose(0, 2, 1, 3))
 
 
 def pixel_errors(points: np.ndarray, labels_2d: np.ndarray) -> np.ndarray:
@@ -75,20 +90,33 @@ def pixel_errors(points: np.ndarray, labels_2d: np.ndarray) -> np.ndarray:
     return np.linalg.norm(points - labels_2d, axis=-1)
 
 
-def triangulate_all(labels: MultiviewLabels, points: np.ndarray, confidence: np.ndarray,
-                    min_confidence: float, min_views: int) -> dict[str, np.ndarray]:
-    """3D of the predictions of every calibrated frame (NaN elsewhere), per calibration."""
-    n, k = labels.n_frames, labels.n_keypoints
-    out = {"points_3d": np.full((n, k, 3), np.nan), "error": np.full((n, k), np.nan),
-           "n_views": np.zeros((n, k), int), "score": np.full((n, k), np.nan)}
+def consensus_all(labels: MultiviewLabels, points: np.ndarray, confidence: np.ndarray,
+                  scale: np.ndarray, settings: ConsensusSettings,
+                  frames: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """3D-consistent predictions of the labelled frames `frames` (default all), per calibration.
+
+    points (V, F, K, 2), confidence (V, F, K), scale (V, F) of those frames. Returns points_3d
+    (F, K, 3), error, n_views, score (F, K) and final (V, F, K, 2), replaced (V, F, K); frames
+    without calibration keep the network's predictions and have no 3D.
+    """
+    frames = np.arange(labels.n_frames) if frames is None else np.asarray(frames)
+    f, k = len(frames), labels.n_keypoints
+    out = {"points_3d": np.full((f, k, 3), np.nan), "error": np.full((f, k), np.nan),
+           "n_views": np.zeros((f, k), int), "score": np.full((f, k), np.nan),
+           "final": np.array(points, float), "replaced": np.zeros(points.shape[:-1], bool)}
+    calibration = labels.calibration_files[frames]
     for path, group in load_calibrations(labels, required=False).items():
-        frames = np.flatnonzero(labels.calibration_files == path)
-        tri = triangulate_predictions(points[:, frames], confidence[:, frames], group,
-                                      min_confidence, min_views)
-        out["points_3d"][frames] = tri.points_3d
-        out["error"][frames] = tri.mean_error
-        out["n_views"][frames] = tri.n_views
-        out["score"][frames] = tri.score
+        rows = np.flatnonzero(calibration == path)
+        if not rows.size:
+            continue
+        agreed = consensus(points[:, rows], confidence[:, rows], group,
+                           scale[:, rows, None], settings)
+        out["points_3d"][rows] = agreed.points_3d
+        out["error"][rows] = agreed.mean_error
+        out["n_views"][rows] = agreed.n_views
+        out["score"][rows] = agreed.score
+        out["final"][:, rows] = agreed.final
+        out["replaced"][:, rows] = agreed.replaced
     return out
 
 
@@ -135,6 +163,6 @@ def dropout_frames(sets: np.ndarray) -> tuple[str, np.ndarray]:
     return "test", np.zeros(sets.shape, bool)
 
 
-def nannan_median(values: np.ndarray) -> float:
+def nan_median(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(np.median(finite)) if finite.size else float("nan")

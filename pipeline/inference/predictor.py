@@ -35,7 +35,6 @@ from pipeline.core.device import pick_device
 from pipeline.core.errors import ParallaxError
 from pipeline.data import augment3d as aug
 from pipeline.data.images import full_frame_boxes, normalize_images, warp_image
-from pipeline.geometry.cameras import CameraGroup
 from pipeline.models.decoding import decode_heatmaps
 from pipeline.models.model import MODEL_CLASSES
 
@@ -193,57 +192,4 @@ def predict(loaded: LoadedModel, images: np.ndarray, frame_from_model: np.ndarra
     return aug.apply_affine(frame_from_model, model_px), np.clip(confidence, 0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class PredictionTriangulation:
-    """3D of predicted 2D keypoints.
-
-    points_3d: (N, K, 3) calibration units, NaN where fewer than min_views views were used
-    reproj_error: (V, N, K) frame px, NaN for views not used (low confidence) or no 3D
-    n_views: (N, K) views that passed the confidence filter
-    score: (N, K) mean confidence of the used views (NaN if none)
-    """
-
-    points_3d: np.ndarray
-    reproj_error: np.ndarray
-    n_views: np.ndarray
-    score: np.ndarray
-
-    @property
-    def mean_error(self) -> np.ndarray:
-        """(N, K) mean reprojection error over the views used (NaN without 3D)."""
-        used = np.isfinite(self.reproj_error)
-        total = np.where(used, self.reproj_error, 0.0).sum(axis=0)
-        count = used.sum(axis=0)
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def triangulate_predictions(points: np.ndarray, confidence: np.ndarray, group: CameraGroup,
-                            min_confidence: float = 0.0,
-                            min_views: int = 2) -> PredictionTriangulation:
-    """Confidence-weighted N-view DLT of predictions.
-
-    points: (V, N, K, 2) frame px; confidence: (V, N, K). A view takes part where its point is
-    finite and its confidence is > 0 and >= min_confidence; its DLT equations are weighted by the
-    confidence (`CameraGroup.triangulate(weights=...)`).
-    """
-    points = np.asarray(points, float)
-    confidence = np.asarray(confidence, float)
-    if points.shape[:-1] != confidence.shape or points.shape[0] != len(group):
-        raise ValueError(f"points {points.shape} / confidence {confidence.shape} do not match "
-                         f"{len(group)} cameras")
-    with np.errstate(invalid="ignore"):
-        used = (np.isfinite(points).all(-1) & np.isfinite(confidence) & (confidence > 0)
-                & (confidence >= min_confidence))
-    weights = np.where(used, confidence, 0.0)
-    tri = group.triangulate(np.where(used[..., None], points, np.nan), weights=weights,
-                            min_views=min_views)
-    has_3d = np.isfinite(tri.points_3d).all(-1)  # (N, K)
-    reproj = np.where(used & has_3d[None], tri.reproj_error, np.nan)
-    count = used.sum(axis=0)
-    score = np.where(count > 0, weights.sum(axis=0) / np.maximum(count, 1), np.nan)
-    return PredictionTriangulation(points_3d=tri.points_3d, reproj_error=reproj,
-                                   n_views=tri.n_views, score=score)
-
-
-__all__ = ["LoadedModel", "PredictionTriangulation", "load_model", "predict", "prepare_views",
-           "triangulate_predictions"]
+__all__ = ["LoadedModel", "load_model", "predict", "prepare_views"]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import CameraGroup
+from pipeline.inference.consensus import frame_scale
 from pipeline.inference.predictor import (
     LoadedModel,
     predict,
@@ -30,11 +31,13 @@ class FrameSink(Protocol):
 
 @dataclass
 class VideoPredictions:
-    """points (V, N, K, 2) frame px; confidence (V, N, K); seconds spent per step."""
+    """points (V, N, K, 2) frame px; confidence (V, N, K); scale (V,) frame px per model px;
+    seconds spent per step."""
 
     points: np.ndarray
     confidence: np.ndarray
     fps: float
+    scale: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -72,6 +75,7 @@ def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: 
     infos = list(infos) if infos is not None else check_synchronised(videos)
     timings = dict.fromkeys(("decode", "prepare", "model", "draw"), 0.0)
     points, confidence = [], []
+    scale = np.full(len(loaded.view_names), np.nan)
     batches = iter_batches(videos, batch_size, infos)
     bar = tqdm(total=infos[0].frame_count, unit="frame", desc=progress or None, disable=None,
                leave=False)
@@ -89,6 +93,7 @@ def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: 
                         for i in range(len(frames[0]))]
             images = np.stack([p[0] for p in prepared])  # (b, V, H, W, 3)
             frame_from_model = np.stack([p[1] for p in prepared])  # (b, V, 2, 3)
+            scale = frame_scale(frame_from_model[0])  # the same for every frame of a video
             timings["prepare"] += time.perf_counter() - tic
             tic = time.perf_counter()
             xy, conf = predict(loaded, images, frame_from_model)  # (b, V, K, 2), (b, V, K)
@@ -109,4 +114,4 @@ def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: 
     all_conf = np.concatenate(confidence) if confidence else np.zeros((0, v, k))
     return VideoPredictions(points=all_xy.transpose(1, 0, 2, 3),
                             confidence=all_conf.swapaxes(0, 1), fps=infos[0].fps,
-                            timings=timings)
+                            scale=scale, timings=timings)

@@ -56,6 +56,17 @@ TABLES = ("per_keypoint.csv", "per_view.csv", "occlusion.csv", "view_dropout_sum
 FIGURES = ("errors_per_keypoint.png", "errors_per_view.png", "pck.png",
            "training_curves.png", "overlays.png", "skeleton_3d.png", "view_dropout.png")
 OUTPUTS = ("metrics.json", *TABLES, "tables.html", *FIGURES)
+#: headline numbers also given for the network's raw predictions (prefix raw_ in metrics.json)
+RAW_KEYS = ("mean_px", "median_px", "labelled_median_px", "occluded_mean_px",
+            "occluded_median_px", "dropped_view_mean_px")
+
+
+def add_raw_headline(summary: dict, raw: dict) -> None:
+    """Put the raw predictions' headline numbers (RAW_KEYS) into each set of `summary` as
+    raw_<key>: the report then shows what the 3D consensus added."""
+    for name, entry in summary["sets"].items():
+        for key in RAW_KEYS:
+            entry[f"raw_{key}"] = raw["sets"][name].get(key)
 
 
 def write_outputs(ev: Evaluation, inp: EvalInputs, out_dir: Path, model_name: str,
@@ -124,6 +135,8 @@ def _main(argv: Sequence[str] | None) -> None:
     inp = load_inputs(labels, args.predictions_dir, args.labels_3d, args.splits,
                       args.metrics_csv)
     ev = compute(inp, args.pck_thresholds, args.pck_bbox_fraction)
+    raw = compute(inp.raw(), args.pck_thresholds, args.pck_bbox_fraction)
+    add_raw_headline(ev.summary, raw.summary)
     write_outputs(ev, inp, args.out_dir, args.model_name, edges, args.n_overlay_frames,
                   args.n_skeleton_frames)
 

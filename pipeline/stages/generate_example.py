@@ -29,10 +29,7 @@ from pathlib import Path
 from pipeline.core.cli import setup_logging
 from pipeline.core.errors import run_main
 from pipeline.synthetic.generate import generate_example
-from pipeline.synthetic.render import KEYPOINT_COLOURS as KEYPOINT_COLOURS
-from pipeline.synthetic.render import MARKER_RADIUS as MARKER_RADIUS
-from pipeline.synthetic.render import MARKER_SIGMA as MARKER_SIGMA
-from pipeline.synthetic.scene import view_names_for as view_names_for
+from pipeline.synthetic.scene import OCCLUSION
 
 log = logging.getLogger("parallax.example")
 
@@ -49,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--noise", type=float, default=0.0, help="label noise std (px)")
     parser.add_argument("--video-frames", type=int, default=0, help="video frames per session")
+    parser.add_argument("--occlusion", default="normal", choices=sorted(OCCLUSION),
+                        help="occlusion preset (heavy: more pillars and self-occlusion)")
     return parser
 
 
@@ -58,7 +57,7 @@ def _body(argv: Sequence[str] | None) -> None:
     generate_example(args.out, seed=args.seed, n_sessions=args.sessions,
                      frames_per_session=args.frames, n_views=args.views,
                      image_size=(args.width, args.height), label_noise_px=args.noise,
-                     video_frames=args.video_frames)
+                     video_frames=args.video_frames, occlusion=args.occlusion)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,21 +1,26 @@
 """Stage `predict_labeled`: run a trained model on every labelled frame; 2D, 3D and view dropout.
 
 Every labelled frame (all sets of `splits.csv`) is read at its original resolution, resized for
-the model exactly like the cache's evaluation samples (`inference.prepare_views`), predicted, and
-mapped back to frame pixels. Writes into `--out-dir`:
+the model exactly like the cache's evaluation samples (`predictor.prepare_views`), predicted,
+mapped back to frame pixels and made consistent in 3D with the frame's calibration
+(`pipeline.inference.consensus`: robust triangulation over the confident views, and the
+reprojection of that point where a view is unsure or disagrees). Writes into `--out-dir`:
 
-- `predictions_<view>.csv` (DLC layout, likelihood = confidence, `set` column) and
-  `predictions_<view>_pixel_error.csv` (Euclidean error vs the label, NaN where unlabelled);
-- `predictions_3d.csv` (anipose pose-3d layout + `frame`, `set`): confidence-weighted DLT of
-  the predictions with the frame's calibration; frames without calibration get NaN (counted in
-  the log);
+- `predictions_<view>.csv` (DLC layout, likelihood = the network's confidence, `set` column):
+  the final, 3D-consistent predictions, and `predictions_<view>_pixel_error.csv` (Euclidean
+  error vs the label, NaN where unlabelled); `predictions_<view>_raw.csv` and
+  `predictions_<view>_raw_pixel_error.csv`: the same for the network's own output;
+- `predictions_3d.csv` (anipose pose-3d layout + `frame`, `set`): the consensus 3D point;
+  frames without calibration get NaN (counted in the log) and keep the raw predictions;
 - `error_3d.csv`: per frame and keypoint, the distance to the ground-truth triangulation
   (`labels_3d.csv`), the mean reprojection error and the number of views used;
 - `view_dropout.csv`: on the test frames (val if there are none), every view blanked in turn
   (input = the normalised mean, as patch masking does) with the others intact; error of every
   view vs its label per keypoint. `blanked_view = none` is the intact run. For the multi-view
   transformer the blanked view's keypoints come from cross-view attention; for the single-view
-  model the blanked view simply fails. `--no-view-dropout` keeps only the `none` rows.
+  model the blanked view simply fails. Rows for the final (`predictions = final`: the blanked
+  view gets the reprojection of the others' 3D point) and the raw predictions.
+  `--no-view-dropout` keeps only the `none` rows.
 
 All outputs appear together or not at all.
 """
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.core.atomic import atomic_paths
@@ -38,14 +44,15 @@ from pipeline.data.project import frame_keys, load_dataset
 from pipeline.data.splits import read_splits
 from pipeline.data.tables import read_points_3d
 from pipeline.data.triangulate import load_calibrations
+from pipeline.inference.consensus import ConsensusSettings
 from pipeline.inference.labeled import (
+    consensus_all,
     dropout_frames,
     dropout_table,
     error_3d_table,
     nan_median,
     pixel_errors,
     predict_frames,
-    triangulate_all,
 )
 from pipeline.inference.predictor import (
     load_model,
@@ -70,18 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (torch and image loading; rule {threads})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--min-confidence", type=float, default=0.0,
-                        help="views below this confidence are left out of the 3D")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="prediction.consensus.min_confidence: views below it take no part "
+                             "in the 3D and get the reprojection of the others' 3D point")
+    parser.add_argument("--outlier-px", type=float, default=6.0,
+                        help="prediction.consensus.outlier_px (model pixels): a view further "
+                             "than this from the consensus reprojection gets the reprojection")
     parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
     parser.add_argument("--no-view-dropout", action="store_true",
                         help="skip the view-dropout runs (view_dropout.csv: intact rows only)")
     return parser
 
 
+PER_VIEW = ("", "_pixel_error", "_raw", "_raw_pixel_error")
+
+
 def output_paths(out_dir: Path, view_names: Sequence[str]) -> list[Path]:
     """Every output, in the order `_body` writes them."""
     per_view = [out_dir / f"predictions_{v}{suffix}.csv" for v in view_names
-                for suffix in ("", "_pixel_error")]
+                for suffix in PER_VIEW]
     return [*per_view, *(out_dir / f"{name}.csv" for name in
                          ("predictions_3d", "error_3d", "view_dropout"))]
 
@@ -91,6 +105,9 @@ def _body(argv: Sequence[str] | None) -> None:
     setup_logging()
     if args.batch_size < 1 or args.min_views < 2:
         raise ParallaxError("--batch-size must be >= 1 and --min-views >= 2")
+    if not (0 <= args.min_confidence <= 1 and args.outlier_px > 0):
+        raise ParallaxError("--min-confidence must be in [0, 1] and --outlier-px > 0")
+    settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     labels = load_dataset(args)
     loaded = load_model(args.checkpoint, args.device, view_names=labels.view_names,
@@ -105,19 +122,39 @@ def _body(argv: Sequence[str] | None) -> None:
              "frames%s", loaded.name, loaded.model_type, *loaded.image_size, loaded.device,
              labels.n_frames, labels.n_views, int(dropout.sum()), dropout_set,
              "" if view_dropout else " (off)")
-    points, confidence, blanked = predict_frames(loaded, labels, dropout, args.batch_size,
-                                                 args.threads, view_dropout)
+    pred = predict_frames(loaded, labels, dropout, args.batch_size, args.threads, view_dropout)
+    tri = consensus_all(labels, pred.points, pred.confidence, pred.scale, settings)
+    points = tri["final"]
     errors = pixel_errors(points, labels.points_2d)  # (V, N, K)
-    tri = triangulate_all(labels, points, confidence, args.min_confidence, args.min_views)
+    raw_errors = pixel_errors(pred.points, labels.points_2d)
+    log.info("3D consensus (min confidence %.2f, outlier %.1f model px): %d of %d predictions "
+             "replaced by the reprojection of the other views' 3D point", settings.min_confidence,
+             settings.outlier_px, int(tri["replaced"].sum()),
+             int(np.isfinite(pred.points).all(-1).sum()))
     uncalibrated = int((labels.calibration_files == "").sum())
     if uncalibrated:
         log.warning("%d of %d frames have no calibration: their 3D is NaN", uncalibrated,
                     labels.n_frames)
-    runs = np.concatenate([points[None, :, dropout], blanked])  # (1 + V, V, N_d, K, 2)
-    drop_errors = pixel_errors(runs, labels.points_2d[None, :, dropout])
-    names = ["none", *labels.view_names][:len(runs)]
-    drop_table = dropout_table(drop_errors, names, labels.view_names, labels.keypoint_names,
-                               dropout_set)
+    names = ["none", *labels.view_names][:1 + len(pred.dropout_points)]
+    drop_tables = []
+    for kind in ("final", "raw"):
+        runs = [pred.points[:, dropout] if kind == "raw" else points[:, dropout]]
+        for b in range(len(pred.dropout_points)):
+            if kind == "raw":
+                runs.append(pred.dropout_points[b])
+            else:
+                runs.append(consensus_all(labels, pred.dropout_points[b],
+                                          pred.dropout_confidence[b], pred.scale[:, dropout],
+                                          settings, np.flatnonzero(dropout))["final"])
+        drop_errors = pixel_errors(np.stack(runs), labels.points_2d[None, :, dropout])
+        table = dropout_table(drop_errors, names, labels.view_names, labels.keypoint_names,
+                              dropout_set)
+        table.insert(0, "predictions", kind)
+        drop_tables.append(table)
+        if kind == "final":
+            final_drop_errors = drop_errors
+    drop_table = pd.concat(drop_tables, ignore_index=True)
+    drop_errors = final_drop_errors
     # both 3D tables name a frame by its first view's label-CSV key
     error_3d = error_3d_table(labels.image_paths[0], sets, labels.keypoint_names, tri, truth)
     for name in ("train", "val", "test"):
@@ -135,12 +172,16 @@ def _body(argv: Sequence[str] | None) -> None:
                  nan_median(np.delete(drop_errors[b], b - 1, axis=0)),
                  nan_median(np.delete(drop_errors[0], b - 1, axis=0)))
     paths = output_paths(args.out_dir, labels.view_names)
+    n_files = len(PER_VIEW)
     with atomic_paths(*paths) as tmp:
         for v in range(labels.n_views):
             index = list(labels.image_paths[v])
-            write_predictions_2d(tmp[2 * v], index, labels.keypoint_names, points[v],
-                                 confidence[v], loaded.name, sets)
-            write_pixel_error(tmp[2 * v + 1], index, labels.keypoint_names, errors[v], sets)
+            for i, (xy, err) in enumerate(((points[v], errors[v]),
+                                           (pred.points[v], raw_errors[v]))):
+                write_predictions_2d(tmp[n_files * v + 2 * i], index, labels.keypoint_names, xy,
+                                     pred.confidence[v], loaded.name, sets)
+                write_pixel_error(tmp[n_files * v + 2 * i + 1], index, labels.keypoint_names,
+                                  err, sets)
         write_pose_3d(tmp[-3], labels.keypoint_names, tri["points_3d"], tri["error"],
                       tri["n_views"], tri["score"], {"frame": list(labels.image_paths[0]),
                                                       "set": sets})

@@ -5,8 +5,12 @@ One job per session: the rule passes that session's videos (one per view, in vie
 anipose calibration. Writes into --out-dir (README.md, stage predict_video):
 
   <session>_<view>.csv          DLC 3-header CSV per view, index = frame number, x, y,
-                                likelihood per keypoint in frame pixels (one row per decoded frame)
-  <session>_3d.csv              anipose pose-3d table (only with --calibration)
+                                likelihood per keypoint in frame pixels (one row per decoded
+                                frame): with --calibration the 3D-consistent predictions
+                                (`pipeline.inference.consensus`), else the network's output
+  <session>_<view>_raw.csv      the network's own output (only with --calibration)
+  <session>_3d.csv              anipose pose-3d table of the consensus 3D (only with
+                                --calibration)
   <session>_trajectories.png    confidence per view and 3D keypoint traces over time (report)
   <session>_<view>_labeled.mp4  only with --labeled-video: keypoints and --skeleton drawn
 
@@ -36,11 +40,8 @@ from pipeline.core.errors import ParallaxError, run_main
 from pipeline.evaluation import plots
 from pipeline.evaluation.drawing import LabeledVideoWriter, parse_skeleton
 from pipeline.geometry.cameras import CameraGroup
-from pipeline.inference.predictor import (
-    LoadedModel,
-    load_model,
-    triangulate_predictions,
-)
+from pipeline.inference.consensus import ConsensusSettings, consensus
+from pipeline.inference.predictor import LoadedModel, load_model
 from pipeline.inference.video import (
     VideoPredictions,
     check_calibration,
@@ -61,6 +62,7 @@ def output_paths(out_dir: Path, session: str, view_names: Sequence[str], *, with
     paths["traces"] = out_dir / f"{session}_trajectories.png"
     if with_3d:
         paths["3d"] = out_dir / f"{session}_3d.csv"
+        paths.update({f"raw:{v}": out_dir / f"{session}_{v}_raw.csv" for v in view_names})
     if labeled:
         paths.update({f"labeled:{v}": out_dir / f"{session}_{v}_labeled.mp4"
                       for v in view_names})
@@ -68,26 +70,31 @@ def output_paths(out_dir: Path, session: str, view_names: Sequence[str], *, with
 
 
 def write_outputs(paths: dict[str, Path], loaded: LoadedModel, result: VideoPredictions,
-                  group: CameraGroup | None, *, min_confidence: float = 0.0,
-                  min_views: int = 2, timings: dict[str, float] | None = None,
-                  session: str = "") -> None:
-    """Write the 2D CSVs (and the 3D CSV with a calibration) to `paths` (already temporary)."""
+                  group: CameraGroup | None, *, settings: ConsensusSettings | None = None,
+                  timings: dict[str, float] | None = None, session: str = "") -> None:
+    """Write the 2D CSVs (and with a calibration the raw 2D and the 3D CSV) to `paths` (already
+    temporary)."""
     timings = timings if timings is not None else result.timings
     index = np.arange(result.n_frames)
+    final = result.points
     if group is not None:
         tic = time.perf_counter()
-        tri = triangulate_predictions(result.points, result.confidence, group,
-                                      min_confidence=min_confidence, min_views=min_views)
+        tri = consensus(result.points, result.confidence, group, result.scale[:, None, None],
+                        settings)
+        final = tri.final
         timings["triangulate"] = time.perf_counter() - tic
         missing = int((~np.isfinite(tri.points_3d).all(-1)).sum())
-        if missing:
-            log.info("3D: %d of %d frame keypoints have fewer than %d views with confidence "
-                     ">= %g; left empty", missing, tri.points_3d.shape[0] *
-                     tri.points_3d.shape[1], min_views, min_confidence)
+        log.info("3D consensus: %d of %d predictions replaced by the reprojection of the other "
+                 "views' 3D point; %d of %d frame keypoints without 3D (fewer than 2 views)",
+                 int(tri.replaced.sum()), tri.replaced.size, missing,
+                 tri.points_3d.shape[0] * tri.points_3d.shape[1])
     tic = time.perf_counter()
     for v, view in enumerate(loaded.view_names):
         write_predictions_2d(paths[f"2d:{view}"], index, loaded.keypoint_names,
-                             result.points[v], result.confidence[v], scorer=loaded.name)
+                             final[v], result.confidence[v], scorer=loaded.name)
+        if group is not None:
+            write_predictions_2d(paths[f"raw:{view}"], index, loaded.keypoint_names,
+                                 result.points[v], result.confidence[v], scorer=loaded.name)
     if group is not None:
         write_pose_3d(paths["3d"], loaded.keypoint_names, tri.points_3d, tri.mean_error,
                       tri.n_views, tri.score)
@@ -114,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="frame instants per batch")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (rule {threads})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--min-confidence", type=float, default=0.0,
-                        help="views below this confidence do not take part in 3D (and are "
-                             "not drawn)")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="prediction.consensus.min_confidence: views below it take no part "
+                             "in the 3D (and are not drawn in labelled videos)")
+    parser.add_argument("--outlier-px", type=float, default=6.0,
+                        help="prediction.consensus.outlier_px (model pixels)")
     parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
     parser.add_argument("--labeled-video", action="store_true",
                         help="also write <session>_<view>_labeled.mp4")
@@ -128,10 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.batch_size < 1 or args.min_views < 1 or not 0 <= args.min_confidence <= 1:
-        raise ParallaxError(f"--batch-size ({args.batch_size}) and --min-views "
-                            f"({args.min_views}) must be >= 1, --min-confidence "
-                            f"({args.min_confidence}) in [0, 1]")
+    if args.batch_size < 1 or args.min_views < 2 or not 0 <= args.min_confidence <= 1 \
+            or args.outlier_px <= 0:
+        raise ParallaxError(f"--batch-size ({args.batch_size}) must be >= 1, --min-views "
+                            f"({args.min_views}) >= 2, --min-confidence "
+                            f"({args.min_confidence}) in [0, 1], --outlier-px "
+                            f"({args.outlier_px}) > 0")
+    settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     cv2.setNumThreads(max(1, args.threads))
     check_videos(args.videos, args.view_names, args.session)
@@ -166,8 +178,7 @@ def _body(argv: Sequence[str] | None) -> None:
         finally:
             if labeled is not None:
                 labeled.close()
-        write_outputs(tmp, loaded, result, group, min_confidence=args.min_confidence,
-                      min_views=args.min_views, session=args.session)
+        write_outputs(tmp, loaded, result, group, settings=settings, session=args.session)
     elapsed = time.perf_counter() - tic
     log.info("session %s: %d frames x %d views in %.1f s = %.2f frames/s (%s) -> %s",
              args.session, result.n_frames, len(infos), elapsed, result.n_frames / elapsed,

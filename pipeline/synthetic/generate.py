@@ -20,7 +20,7 @@ from pipeline.synthetic.render import KEYPOINT_COLOURS as KEYPOINT_COLOURS
 from pipeline.synthetic.render import MARKER_RADIUS as MARKER_RADIUS
 from pipeline.synthetic.render import MARKER_SIGMA as MARKER_SIGMA
 from pipeline.synthetic.render import camera_scenes, render, self_occluded
-from pipeline.synthetic.scene import KEYPOINTS, make_cameras, make_session
+from pipeline.synthetic.scene import KEYPOINTS, OCCLUSION, Occlusion, make_cameras, make_session
 from pipeline.synthetic.scene import view_names_for as view_names_for
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,17 @@ def generate_example(
     image_size: tuple[int, int] = (320, 256),
     label_noise_px: float = 0.0,
     video_frames: int = 0,
+    occlusion: str = "normal",
 ) -> ExampleSummary:
     """Write the synthetic dataset into `out_dir` (replaced atomically); see the module doc.
 
     image_size is (width, height); label_noise_px is the std of Gaussian noise added to the CSV
-    labels only (never to ground_truth.npz or to the drawn markers).
+    labels only (never to ground_truth.npz or to the drawn markers); occlusion: a preset of
+    `pipeline.synthetic.scene.OCCLUSION` (normal | heavy: more pillars, more self-occlusion).
     """
+    if occlusion not in OCCLUSION:
+        raise ParallaxError(f"example.occlusion must be one of {list(OCCLUSION)}, got "
+                            f"{occlusion!r}")
     if not 2 <= n_views <= 8:
         raise ParallaxError(f"example views must be between 2 and 8 (3 or more recommended), "
                             f"got {n_views}")
@@ -75,7 +80,7 @@ def generate_example(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         truth = _write_dataset(tmp, views, base, rng_sessions, frames_per_session,
-                               float(label_noise_px), video_frames)
+                               float(label_noise_px), video_frames, OCCLUSION[occlusion])
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
             out_dir.rename(old)
@@ -101,20 +106,26 @@ def generate_example(
 
 
 def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int, noise: float,
-                   video_frames: int) -> dict[str, np.ndarray]:
-    """Render every session into `out`; returns the ground truth written to ground_truth.npz."""
+                   video_frames: int, occlusion: Occlusion) -> dict[str, np.ndarray]:
+    """Render every session into `out`; returns the ground truth written to ground_truth.npz:
+    points_3d (frames, K, 3), points_2d (V, frames, K, 2), visible (V, frames, K) of the
+    labelled frames (all sessions, CSV row order), and of every video frame
+    video_points_3d (sessions, video_frames, K, 3), video_visible (sessions, V, video_frames, K)
+    (video frame f of a session is its labelled frame f while f < frames_per_session)."""
     total = max(n_frames, video_frames)
+    hideable = np.isin(KEYPOINTS, occlusion.hideable)
     index: list[list[str]] = [[] for _ in views]
     parts: dict[str, list[np.ndarray]] = {"points_3d": [], "points_2d": [], "visible": [],
                                           "labels": []}
     sessions: list[str] = []
     for s, rng in enumerate(rngs):
         session = f"session{s}"
-        scene = make_session(rng, base, total)
+        scene = make_session(rng, base, total, occlusion.pillars)
         write_calibration(scene.cameras, out / "calibrations" / f"{session}.toml")
-        statics = camera_scenes(rng, scene.cameras.cameras)
+        statics = camera_scenes(rng, scene.cameras.cameras, occlusion.pillars)
         centers = np.stack([cam.center for cam in scene.cameras.cameras])
-        shown = scene.visible & ~self_occluded(centers, scene.points_3d)
+        shown = scene.visible & ~self_occluded(centers, scene.points_3d, occlusion.body_scale,
+                                               hideable)
         labels = scene.points_2d[:, :n_frames]
         if noise > 0:
             labels = labels + rng.normal(0, noise, labels.shape)
@@ -144,6 +155,8 @@ def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int,
         parts["points_2d"].append(scene.points_2d[:, :n_frames])
         parts["visible"].append(visible)
         parts["labels"].append(np.where(visible[..., None], labels, np.nan))
+        parts.setdefault("video_points_3d", []).append(scene.points_3d[:video_frames])
+        parts.setdefault("video_visible", []).append(shown[:, :video_frames])
     labels = np.concatenate(parts["labels"], axis=1)
     for v, view in enumerate(views):
         write_label_csv(out / f"CollectedData_{view}.csv", index[v], KEYPOINTS, labels[v],
@@ -154,6 +167,8 @@ def _write_dataset(out: Path, views: tuple[str, ...], base, rngs, n_frames: int,
         "visible": np.concatenate(parts["visible"], axis=1),
         "sessions": np.array(sessions), "keypoint_names": np.array(KEYPOINTS),
         "view_names": np.array(views),
+        "video_points_3d": np.stack(parts["video_points_3d"]),
+        "video_visible": np.stack(parts["video_visible"]),
     }
     _save_npz(out / "ground_truth.npz", truth)
     return truth

@@ -177,12 +177,13 @@ def _pillar_layer(cam: Camera, pillar: np.ndarray) -> PillarLayer | None:
     return PillarLayer(depth=depth, box=(y0, y1, x0, x1), colour=canvas, alpha=alpha[..., None])
 
 
-def camera_scenes(rng: np.random.Generator, cameras) -> list[CameraScene]:
+def camera_scenes(rng: np.random.Generator, cameras, pillars: np.ndarray = PILLARS
+                  ) -> list[CameraScene]:
     """The static part of every camera's images in one session (one shared floor texture)."""
     floor = FloorTexture(rng)
     scenes = []
     for cam in cameras:
-        layers = tuple(layer for layer in (_pillar_layer(cam, p) for p in PILLARS) if layer)
+        layers = tuple(layer for layer in (_pillar_layer(cam, p) for p in pillars) if layer)
         scenes.append(CameraScene(cam=cam, background=_background(rng, cam, floor),
                                   pillars=layers))
     return scenes
@@ -249,18 +250,20 @@ _OCCLUDER_SCALE = 0.6  # of the drawn radii: a hidden keypoint is well inside th
 _OCCLUSION_MARGIN = 6.0  # mm: the body must be at least this far in front of the keypoint
 
 
-def self_occluded(centers: np.ndarray, points: np.ndarray) -> np.ndarray:
+def self_occluded(centers: np.ndarray, points: np.ndarray, scale: float = _OCCLUDER_SCALE,
+                  hideable: np.ndarray = _HIDEABLE) -> np.ndarray:
     """(views, frames, K) True where the animal's own body hides a paw or an ear from a camera.
 
     centers: (views, 3) camera centres; points: (frames, K, 3). The body is approximated by
-    spheres along its head-to-hip segments with _OCCLUDER_SCALE of the drawn radii, so a
+    spheres along its head-to-hip segments with `scale` (default _OCCLUDER_SCALE) of the drawn
+    radii, so a
     keypoint counted as hidden is clearly behind the drawn body (one just grazed by it stays
     visible, its marker drawn over the body); a sphere containing the keypoint is ignored and
     the ray must enter a sphere _OCCLUSION_MARGIN mm before reaching the keypoint.
     """
     steps = np.linspace(0.0, 1.0, 7)
     seg = _SEG_IDX[_OCCLUDERS]  # (S, 2)
-    radii = _OCCLUDER_SCALE * (_SEG_RADII[_OCCLUDERS, :1] * (1 - steps)
+    radii = scale * (_SEG_RADII[_OCCLUDERS, :1] * (1 - steps)
                    + _SEG_RADII[_OCCLUDERS, 1:] * steps).ravel()  # (S * 7,)
     a, b = points[:, seg[:, 0]], points[:, seg[:, 1]]  # (F, S, 3)
     spheres = (a[:, :, None] * (1 - steps)[:, None] + b[:, :, None] * steps[:, None])
@@ -276,7 +279,7 @@ def self_occluded(centers: np.ndarray, points: np.ndarray) -> np.ndarray:
     length = np.sqrt(qa)
     inside = np.linalg.norm(points[:, :, None] - spheres[:, None], axis=-1) < radii  # (F, K, M)
     hit = (disc > 0) & (t_hit > 0) & (t_hit * length < length - _OCCLUSION_MARGIN) & ~inside[None]
-    return hit.any(-1) & _HIDEABLE
+    return hit.any(-1) & hideable
 
 
 def draw_markers(image: np.ndarray, points: np.ndarray, show: np.ndarray) -> None:

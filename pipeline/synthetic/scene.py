@@ -29,6 +29,27 @@ ARENA_RADIUS = 150.0
 PILLARS = np.array([[70.0, -55.0, 16.0, 140.0], [-80.0, 65.0, 13.0, 140.0]])
 
 
+@dataclass(frozen=True)
+class Occlusion:
+    """What hides keypoints: pillars (P, 4) x, y, radius, height (mm); the body's occluding
+    spheres at `body_scale` of its drawn radii; the keypoints the body may hide."""
+
+    pillars: np.ndarray
+    body_scale: float
+    hideable: tuple[str, ...]
+
+
+#: example.occlusion presets: "heavy" is the hidden-keypoint study's (bench/occlusion.py)
+OCCLUSION = {
+    "normal": Occlusion(PILLARS, 0.6, ("ear_left", "ear_right", "paw_left", "paw_right")),
+    "heavy": Occlusion(
+        np.concatenate([PILLARS, [[0.0, 95.0, 14.0, 140.0], [-95.0, -45.0, 15.0, 140.0],
+                                  [95.0, 40.0, 12.0, 140.0]]]),
+        0.85, ("ear_left", "ear_right", "paw_left", "paw_right", "nose", "tail_base",
+               "tail_mid")),
+}
+
+
 def view_names_for(n_views: int) -> tuple[str, ...]:
     """The example's view (= camera) names."""
     return tuple(f"cam{i}" for i in range(n_views))
@@ -85,7 +106,8 @@ def _smooth_noise(rng: np.random.Generator, n: int, scale: float, width: int) ->
     return scale * np.convolve(rng.normal(size=n + 6 * width), kernel, mode="valid")[:n]
 
 
-def animal_motion(rng: np.random.Generator, n_frames: int) -> np.ndarray:
+def animal_motion(rng: np.random.Generator, n_frames: int,
+                  pillars: np.ndarray = PILLARS) -> np.ndarray:
     """Keypoints (frames, keypoints, 3) of a rodent-like animal walking in the arena."""
     t = np.arange(n_frames)
     size = rng.uniform(0.9, 1.1)
@@ -98,7 +120,7 @@ def animal_motion(rng: np.random.Generator, n_frames: int) -> np.ndarray:
         h = heading[i - 1] + turn[i]
         ahead = pos[i - 1] + 40 * np.array([np.cos(h), np.sin(h)])
         obstacles = [(np.zeros(2), ARENA_RADIUS - 50, -1.0)] + [
-            (p[:2], p[2] + 55, 1.0) for p in PILLARS]
+            (p[:2], p[2] + 55, 1.0) for p in pillars]
         for centre, radius, sign in obstacles:
             offset = ahead - centre
             dist = np.linalg.norm(offset)
@@ -140,23 +162,24 @@ def animal_motion(rng: np.random.Generator, n_frames: int) -> np.ndarray:
     return world
 
 
-def occluded(centers: np.ndarray, points: np.ndarray) -> np.ndarray:
+def occluded(centers: np.ndarray, points: np.ndarray, pillars: np.ndarray = PILLARS
+             ) -> np.ndarray:
     """(views, frames, keypoints) True where a pillar blocks the sight line camera->point.
 
-    centers: (views, 3) camera centres; points: (frames, keypoints, 3).
+    centers: (views, 3) camera centres; points: (frames, keypoints, 3); pillars (P, 4).
     """
     c = centers[:, None, None, None, :]  # (V, 1, 1, 1, 3)
     d = points[None, :, :, None, :] - c  # (V, F, K, 1, 3)
-    pc = PILLARS[None, None, None, :, :2]  # (1, 1, 1, P, 2)
+    pc = pillars[None, None, None, :, :2]  # (1, 1, 1, P, 2)
     oc = c[..., :2] - pc
     a = (d[..., :2] ** 2).sum(-1)
     b = 2 * (oc * d[..., :2]).sum(-1)
-    cc = (oc**2).sum(-1) - PILLARS[:, 2] ** 2
+    cc = (oc**2).sum(-1) - pillars[:, 2] ** 2
     disc = b * b - 4 * a * cc
     root = np.sqrt(np.maximum(disc, 0))
     s = (-b - root) / (2 * a)  # first entry into the infinite cylinder
     z = c[..., 2] + s * d[..., 2]
-    hit = (disc > 0) & (s > 0) & (s < 1) & (z >= 0) & (z <= PILLARS[:, 3])
+    hit = (disc > 0) & (s > 0) & (s < 1) & (z >= 0) & (z <= pillars[:, 3])
     return hit.any(axis=-1)
 
 
@@ -170,13 +193,14 @@ class SessionScene:
     visible: np.ndarray  # (views, frames, K) inside the image and not behind a pillar
 
 
-def make_session(rng: np.random.Generator, base: CameraGroup, n_frames: int) -> SessionScene:
+def make_session(rng: np.random.Generator, base: CameraGroup, n_frames: int,
+                 pillars: np.ndarray = PILLARS) -> SessionScene:
     cameras = perturb_cameras(rng, base)
-    points_3d = animal_motion(rng, n_frames)
+    points_3d = animal_motion(rng, n_frames, pillars)
     points_2d = cameras.project(points_3d)
     width, height = cameras.cameras[0].size
     inside = ((points_2d >= 0) & (points_2d <= np.array([width - 1, height - 1]))).all(-1)
     centers = np.stack([cam.center for cam in cameras.cameras])
-    visible = inside & ~occluded(centers, points_3d)
+    visible = inside & ~occluded(centers, points_3d, pillars)
     return SessionScene(cameras=cameras, points_3d=points_3d, points_2d=points_2d,
                         visible=visible)

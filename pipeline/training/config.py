@@ -12,9 +12,12 @@ from typing import Any
 import h5py
 
 from pipeline.core.digest import code_digest
+from pipeline.core.errors import ParallaxError
 
 #: the stage module whose imports make up the code part of the resume hash
 TRAIN_STAGE = "pipeline.stages.train"
+HIDDEN_KEYPOINTS = ("projected", "uniform", "ignore")
+PAIRWISE_SCALES = ("pose", "world")
 #: TrainConfig values that do not change the trained weights (left out of the resume hash)
 RUNTIME_KEYS = ("device", "num_workers", "num_gpus", "ckpt_every_n_steps", "val_batch_size")
 
@@ -44,15 +47,46 @@ class TrainConfig:
     patch_mask: dict[str, Any] = field(default_factory=dict)
     imgaug: str = "dlc"
     heatmap_sigma: float = 1.25
+    #: targets of keypoints hidden in a view (not clicked there, triangulated from the others):
+    #: projected (a Gaussian at the projection of the 3D point) | uniform (LP) | ignore
+    hidden_keypoints: str = "ignore"
+    hidden_log_weight: float = 0.0
     pairwise_log_weight: float | None = None
+    #: pose: the distance divided by the pose's extent (unit-free) | world: calibration units (LP)
+    pairwise_scale: str = "pose"
     reprojection_log_weight: float | None = None
-    loss_warmup_epochs: float = 0.0
+    #: compare reprojections also in views where the keypoint is hidden (projected targets)
+    reprojection_hidden_views: bool = False
+    #: LP's callbacks.anneal_weight for the 3D terms: init_val until freeze_until_epoch, then
+    #: + increase_factor per epoch up to final_val (the defaults: always 1)
+    anneal_init_val: float = 1.0
+    anneal_increase_factor: float = 0.0
+    anneal_final_val: float = 1.0
+    anneal_freeze_until_epoch: float = 0.0
+
+    def __post_init__(self) -> None:
+        choices = {"training.hidden_keypoints": (self.hidden_keypoints, HIDDEN_KEYPOINTS),
+                   "losses.supervised_pairwise_projections.scale": (self.pairwise_scale,
+                                                                    PAIRWISE_SCALES)}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ParallaxError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+    def anneal_weight(self, epoch: float) -> float:
+        """Weight factor of the 3D loss terms at (fractional) `epoch`."""
+        if epoch < self.anneal_freeze_until_epoch:
+            return self.anneal_init_val
+        ramp = self.anneal_init_val + self.anneal_increase_factor * (
+            epoch - self.anneal_freeze_until_epoch)
+        return float(min(self.anneal_final_val, ramp))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TrainConfig:
         training, loss_cfg = config.get("training", {}), config.get("losses", {})
         pairwise = loss_cfg.get("supervised_pairwise_projections") or {}
         reprojection = loss_cfg.get("supervised_reprojection_heatmap_mse") or {}
+        hidden = loss_cfg.get("supervised_hidden_heatmap_mse") or {}
+        anneal = (config.get("callbacks") or {}).get("anneal_weight") or {}
         keys = {f for f in cls.__dataclass_fields__} & set(training)
         optimizer = training.get("optimizer_params") or {}
         if "learning_rate" in optimizer:
@@ -63,9 +97,15 @@ class TrainConfig:
             **{key: training[key] for key in keys if key not in ("model", "data")},
             seed=int(training.get("rng_seed_model_pt", 0)),
             heatmap_sigma=float(loss_cfg.get("heatmap_sigma", 1.25)),
+            hidden_log_weight=float(hidden.get("log_weight", 0.0)),
             pairwise_log_weight=pairwise.get("log_weight"),
+            pairwise_scale=str(pairwise.get("scale", "pose")),
             reprojection_log_weight=reprojection.get("log_weight"),
-            loss_warmup_epochs=float(loss_cfg.get("warmup_epochs", 0.0)),
+            reprojection_hidden_views=bool(reprojection.get("hidden_views", False)),
+            anneal_init_val=float(anneal.get("init_val", 1.0)),
+            anneal_increase_factor=float(anneal.get("increase_factor", 0.0)),
+            anneal_final_val=float(anneal.get("final_val", 1.0)),
+            anneal_freeze_until_epoch=float(anneal.get("freeze_until_epoch", 0.0)),
         )
 
 

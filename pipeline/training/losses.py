@@ -112,16 +112,29 @@ def _weights(batch: dict[str, Tensor], cams: dict[str, Tensor], like: Tensor) ->
     return valid.to(like.dtype)
 
 
-def pairwise_projection_loss(keypoints_pred: Tensor, batch: dict[str, Tensor]
-                             ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Squared 3D distance between pairwise triangulations of predictions and of ground truth.
+def pose_extent(points_3d: Tensor, valid: Tensor) -> Tensor:
+    """(B,) RMS distance of each sample's valid 3D keypoints (B, K, 3) from their mean: the
+    pose's size in world units; NaN with fewer than 2 valid keypoints."""
+    w = valid.to(points_3d.dtype)[..., None]
+    n = w.sum(-2)  # (B, 1)
+    mean = (points_3d * w).sum(-2) / n.clamp_min(1.0)
+    sq = (((points_3d - mean[:, None]) ** 2) * w).sum((-2, -1)) / n[:, 0].clamp_min(1.0)
+    return torch.where(n[:, 0] >= 2, sq.sqrt(), torch.full_like(sq, float("nan")))
 
-    keypoints_pred (B, V, K, 2) model px. For each view pair and keypoint valid in both views
-    (ground truth) of a calibrated sample, the prediction and the ground truth are both
-    triangulated from that pair (two-view DLT on undistorted coordinates); the loss is the mean
-    over these entries of the squared Euclidean distance (world units²). It is exactly 0 when
-    the predictions equal the labels, whatever the label noise. Metrics (detached):
-    pairwise_dist_world (mean Euclidean distance) and pairwise_count (entries averaged).
+
+def pairwise_projection_loss(keypoints_pred: Tensor, batch: dict[str, Tensor],
+                             scale: str = "pose") -> tuple[Tensor, dict[str, Tensor]]:
+    """3D distance between pairwise triangulations of predictions and of ground truth.
+
+    keypoints_pred (B, V, K, 2) model px. For each view pair and keypoint clicked in both views
+    of a calibrated sample, the prediction and the ground truth are both triangulated from that
+    pair (two-view DLT on undistorted coordinates); the loss is the mean over these entries of
+    the Euclidean distance (LP's `supervised_pairwise_projections`, not its square). scale
+    "world": in calibration units (LP; its weight then depends on the unit and the animal);
+    "pose": divided by the sample's pose extent (`pose_extent` of `keypoints_3d`), so one
+    log_weight serves millimetres and metres alike; samples without an extent are left out.
+    Exactly 0 when the predictions equal the labels, whatever the label noise. Metrics
+    (detached): pairwise_dist_world (mean distance, world units), pairwise_count.
     """
     cams = _cameras(batch, keypoints_pred)
     weights = _weights(batch, cams, keypoints_pred)
@@ -131,16 +144,28 @@ def pairwise_projection_loss(keypoints_pred: Tensor, batch: dict[str, Tensor]
     with torch.no_grad():
         gt_3d, gt_ok = geo.triangulate_pairs(_normalized(target, cams), cams["extrinsics"],
                                              weights)
-    mask = (pred_ok & gt_ok).to(keypoints_pred.dtype)  # (B, P, K)
-    sq = ((pred_3d - gt_3d) ** 2).sum(-1)
+    ok = pred_ok & gt_ok  # (B, P, K)
+    norm = torch.ones(ok.shape[0], dtype=keypoints_pred.dtype, device=ok.device)
+    if scale == "pose":
+        extent = pose_extent(batch["keypoints_3d"].to(keypoints_pred),
+                             batch["keypoints_3d_valid"].to(ok.device))
+        ok = ok & (torch.isfinite(extent) & (extent > 0))[:, None, None]
+        norm = torch.where(ok.any(-1).any(-1), extent, norm)
+    elif scale != "world":
+        raise ValueError(f"scale must be pose or world, got {scale!r}")
+    mask = ok.to(keypoints_pred.dtype)
+    sq = torch.where(ok, ((pred_3d - gt_3d) ** 2).sum(-1), torch.ones_like(mask))
+    # |d| with a finite gradient everywhere (0 at d = 0, where the distance is exactly 0)
+    dist = torch.where(sq > 0, sq.clamp_min(1e-24).sqrt(), torch.zeros_like(sq))
     count = mask.sum()
-    loss = (sq * mask).sum() / count.clamp_min(1.0)
-    dist = (sq.detach().sqrt() * mask).sum() / count.clamp_min(1.0)
-    return loss, {"pairwise_dist_world": dist, "pairwise_count": count}
+    loss = (dist / norm[:, None, None] * mask).sum() / count.clamp_min(1.0)
+    world = (dist.detach() * mask).sum() / count.clamp_min(1.0)
+    return loss, {"pairwise_dist_world": world, "pairwise_count": count}
 
 
 def reprojection_heatmap_loss(keypoints_pred: Tensor, target_heatmaps: Tensor,
-                              batch: dict[str, Tensor], sigma: float, stride: float
+                              batch: dict[str, Tensor], sigma: float, stride: float,
+                              compared: Tensor | None = None
                               ) -> tuple[Tensor, dict[str, Tensor]]:
     """Heatmap MSE between reprojected triangulated predictions and the target heatmaps.
 
@@ -151,11 +176,13 @@ def reprojection_heatmap_loss(keypoints_pred: Tensor, target_heatmaps: Tensor,
     then heatmap coordinates, rendered as Gaussians (sigma heatmap px, differentiable) and
     compared with `heatmap_mse`, i.e. on exactly the scale of the supervised heatmap loss.
 
-    Maps compared: `informative_targets` (valid, visible == 2 if the batch has `visible`, not
-    all-zero or uniform), in calibrated samples, where the keypoint triangulated from >= 2
-    views and reprojects in front of the camera. Everything else is excluded (not compared
-    against a uniform map as LP does). Metrics (detached): reprojection_error_px (mean
-    model-pixel distance from reprojection to the label over compared maps), reprojection_count.
+    Maps compared: `informative_targets` of `compared` (default keypoints_valid, the clicks;
+    with projected targets of hidden keypoints added, their views take part too; visible == 2
+    if the batch has `visible`, for clicks; not all-zero or uniform), in calibrated samples,
+    where the keypoint triangulated from >= 2 views and reprojects in front of the camera.
+    Everything else is excluded (not compared against a uniform map as LP does). Metrics
+    (detached): reprojection_error_px (mean model-pixel distance from reprojection to the label
+    over compared maps), reprojection_count.
     """
     h, w = target_heatmaps.shape[-2:]
     cams = _cameras(batch, keypoints_pred)
@@ -166,9 +193,12 @@ def reprojection_heatmap_loss(keypoints_pred: Tensor, target_heatmaps: Tensor,
                                        cams["distortions"], cams["fisheye"],
                                        max_radius=MAX_NORMALIZED_RADIUS)  # (B, V, K, 2)
     model = geo.apply_affine(geo.invert_affine(cams["frame_from_model"]), frame)
+    valid = batch["keypoints_valid"].to(ok_3d.device).bool()
+    compared = valid if compared is None else compared.to(ok_3d.device).bool()
     visible = batch.get("visible")
-    mask = (informative_targets(target_heatmaps, batch["keypoints_valid"].to(ok_3d.device),
-                                None if visible is None else visible.to(ok_3d.device))
+    if visible is not None:  # LP's visible flag applies to clicks; projected targets pass
+        visible = torch.where(valid, visible.to(ok_3d.device), torch.full_like(visible, 2))
+    mask = (informative_targets(target_heatmaps, compared, visible)
             & ok_3d[:, None] & ok_proj & cams["calib"][:, None, None])
     rendered = gaussian_heatmaps(model_to_heatmap(model, stride), mask, h, w, sigma)
     loss = heatmap_mse(rendered, target_heatmaps.to(rendered), mask)

@@ -31,22 +31,27 @@ class Term:
     count: torch.Tensor
 
 
-def term_weights(cfg: TrainConfig, warmup: float) -> dict[str, float | None]:
+def term_weights(cfg: TrainConfig, anneal: float) -> dict[str, float | None]:
     """Every term `loss_terms` returns, in order (the same on every process), with its weight
-    in the total loss (None = a metric, not in the loss)."""
+    in the total loss (None = a metric, not in the loss). `anneal` multiplies the 3D terms
+    (`TrainConfig.anneal_weight`)."""
     weights: dict[str, float | None] = {"heatmap_mse": losses.loss_weight(0.0)}
+    if cfg.hidden_keypoints != "ignore":
+        weights["heatmap_mse_hidden"] = losses.loss_weight(cfg.hidden_log_weight)
     if cfg.pairwise_log_weight is not None:
-        weights["pairwise_projection"] = warmup * losses.loss_weight(cfg.pairwise_log_weight)
+        weights["pairwise_projection"] = anneal * losses.loss_weight(cfg.pairwise_log_weight)
         weights["pairwise_dist_world"] = None
     if cfg.reprojection_log_weight is not None:
         weights["reprojection_heatmap_mse"] = \
-            warmup * losses.loss_weight(cfg.reprojection_log_weight)
+            anneal * losses.loss_weight(cfg.reprojection_log_weight)
     weights["pixel_error_model"] = None
+    if cfg.hidden_keypoints != "ignore":
+        weights["pixel_error_hidden"] = None
     return weights
 
 
 #: a term's value when nothing was counted (else 0, as the loss functions return)
-EMPTY = {"pixel_error_model": float("nan")}
+EMPTY = {"pixel_error_model": float("nan"), "pixel_error_hidden": float("nan")}
 
 
 def loss_terms(model, batch: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -63,22 +68,33 @@ def loss_terms(model, batch: dict[str, torch.Tensor], cfg: TrainConfig,
     heatmaps = out["heatmaps"].float()
     height, width = heatmaps.shape[-2:]
     valid = batch["keypoints_valid"]
+    hidden = batch["hidden_valid"] & (cfg.hidden_keypoints != "ignore")
     n_valid = valid.sum()
     centres = model_to_heatmap(batch["keypoints_2d"], net.stride)
-    targets = losses.gaussian_heatmaps(centres, valid, height, width, cfg.heatmap_sigma)
+    targets = losses.gaussian_heatmaps(centres, valid | hidden, height, width, cfg.heatmap_sigma)
     terms = [Term("heatmap_mse", losses.heatmap_mse(heatmaps, targets, valid), n_valid)]
+    if cfg.hidden_keypoints == "uniform":  # LP's target for a keypoint it cannot place
+        targets = torch.where(hidden[..., None, None],
+                              torch.full_like(targets, 1.0 / (height * width)), targets)
+    if cfg.hidden_keypoints != "ignore":
+        terms.append(Term("heatmap_mse_hidden", losses.heatmap_mse(heatmaps, targets, hidden),
+                          hidden.sum()))
     keypoints = soft_argmax(heatmaps, net.stride)
     if cfg.pairwise_log_weight is not None:
-        pairwise, metrics = losses.pairwise_projection_loss(keypoints, batch)
+        pairwise, metrics = losses.pairwise_projection_loss(keypoints, batch, cfg.pairwise_scale)
         count = metrics["pairwise_count"]
         terms += [Term("pairwise_projection", pairwise, count),
                   Term("pairwise_dist_world", metrics["pairwise_dist_world"], count)]
     if cfg.reprojection_log_weight is not None:
+        compared = valid | (hidden if cfg.reprojection_hidden_views else torch.zeros_like(hidden))
         reproj, metrics = losses.reprojection_heatmap_loss(keypoints, targets, batch,
-                                                           cfg.heatmap_sigma, net.stride)
+                                                           cfg.heatmap_sigma, net.stride,
+                                                           compared=compared)
         terms.append(Term("reprojection_heatmap_mse", reproj, metrics["reprojection_count"]))
     error = torch.linalg.vector_norm(keypoints.detach() - batch["keypoints_2d"], dim=-1)
     terms.append(Term("pixel_error_model", error[valid].mean(), n_valid))
+    if cfg.hidden_keypoints != "ignore":
+        terms.append(Term("pixel_error_hidden", error[hidden].mean(), hidden.sum()))
     return terms
 
 
@@ -128,9 +144,9 @@ def combine(terms: list[Term], weights: dict[str, float | None], ctx: DistContex
     return total, term_values(weights, sums)
 
 
-def compute_losses(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, warmup: float,
+def compute_losses(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, anneal: float,
                    patch_mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its terms for one batch (single process)."""
-    return combine(loss_terms(model, batch, cfg, patch_mask), term_weights(cfg, warmup),
+    return combine(loss_terms(model, batch, cfg, patch_mask), term_weights(cfg, anneal),
                    DistContext())

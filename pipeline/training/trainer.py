@@ -284,14 +284,14 @@ class Trainer:
         return oom_hint(key, size, per, v, h, w)
 
     def _train_step(self, shard: Shard, batch: dict[str, torch.Tensor], ratio: float,
-                    warmup: float) -> dict[str, float]:
+                    anneal: float) -> dict[str, float]:
         cfg = self.cfg
         with self._oom("training.train_batch_size", cfg.train_batch_size, batch):
             mask = self.patch_mask(shard, batch["images"], ratio)
             self.optimizer.zero_grad(set_to_none=True)
             terms = loss_terms(self.model, batch, cfg, mask,
                                autocast(self.device, cfg.precision))
-            total, values = combine(terms, term_weights(cfg, warmup), self.ctx)
+            total, values = combine(terms, term_weights(cfg, anneal), self.ctx)
             if self.scaler is None:
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
@@ -336,12 +336,11 @@ class Trainer:
                 data_time = time.perf_counter() - tick
                 batch = to_device(batch, self.device)
                 ratio = mask_ratio(self.step, self.steps_per_epoch, cfg.patch_mask)
-                warmup = min(1.0, (self.step / self.steps_per_epoch) / cfg.loss_warmup_epochs) \
-                    if cfg.loss_warmup_epochs > 0 else 1.0
-                terms = self._train_step(shard, batch, ratio, warmup)
+                anneal = cfg.anneal_weight(self.step / self.steps_per_epoch)
+                terms = self._train_step(shard, batch, ratio, anneal)
                 self.step += 1
                 row = {"step": self.step, "epoch": epoch, **terms, "mask_ratio": ratio,
-                       "loss_warmup": warmup, "lr": self.optimizer.param_groups[1]["lr"],
+                       "anneal_weight": anneal, "lr": self.optimizer.param_groups[1]["lr"],
                        "lr_backbone": self.optimizer.param_groups[0]["lr"],
                        "data_time": data_time, "step_time": time.perf_counter() - tick}
                 end_of_epoch = self.step % self.steps_per_epoch == 0

@@ -22,9 +22,9 @@ from pipeline.core.digest import code_digest  # noqa: E402
 from pipeline.data.cache.keys import CACHE_KEYS  # noqa: E402
 
 # the config sections training reads; model outputs go to results/models/<model>/
-TRAIN_KEYS = ("model", "data", "training", "losses")
+TRAIN_KEYS = ("model", "data", "training", "losses", "callbacks")
 # the sections a `models:` variant may override
-VARIANT_SECTIONS = ("model", "training", "losses")
+VARIANT_SECTIONS = ("model", "training", "losses", "callbacks")
 CACHE_TRAINING_KEYS = {key.split(".")[1] for key in CACHE_KEYS if key.startswith("training.")}
 
 
@@ -160,7 +160,8 @@ def quoted(values) -> str:
 def skeleton_args() -> str:
     """`--skeleton a b c d ...`: data.skeleton's keypoint pairs, flattened (names may hold '-')."""
     pairs = DATA.get("skeleton") or []
-    return ("--skeleton " + quoted(name for pair in pairs for name in pair)) if pairs else ""
+    names = quoted(name for pair in pairs for name in pair)
+    return f"--skeleton {names}" if pairs else ""
 
 
 def stage_digest(rule: str) -> str:

@@ -26,6 +26,7 @@ if EXAMPLE["generate"]:
             height=EXAMPLE["height"],
             noise=EXAMPLE["label_noise_px"],
             video_frames=EXAMPLE["video_frames"],
+            occlusion=EXAMPLE["occlusion"],
         threads: 1
         resources:
             mem_mb=2000,
@@ -36,4 +37,4 @@ if EXAMPLE["generate"]:
             "python -m pipeline.stages.generate_example --out {params.out:q} --seed {params.seed} "
             "--sessions {params.sessions} --frames {params.frames} --views {params.views:q} "
             "--width {params.width} --height {params.height} --noise {params.noise} "
-            "--video-frames {params.video_frames} > {log:q} 2>&1"
+            "--video-frames {params.video_frames} --occlusion {params.occlusion} > {log:q} 2>&1"

@@ -15,6 +15,11 @@ rule predict_labeled:
             "results/models/{{model}}/predictions/predictions_{view}_pixel_error.csv",
             view=VIEWS,
         ),
+        raw=expand(
+            "results/models/{{model}}/predictions/predictions_{view}_raw{suffix}.csv",
+            view=VIEWS,
+            suffix=("", "_pixel_error"),
+        ),
         points_3d="results/models/{model}/predictions/predictions_3d.csv",
         error_3d="results/models/{model}/predictions/error_3d.csv",
         view_dropout="results/models/{model}/predictions/view_dropout.csv",
@@ -26,7 +31,9 @@ rule predict_labeled:
         dataset=dataset_args(),
         out=output_folder,
         batch=config["prediction"]["batch_size"],
-        min_confidence=config["prediction"]["min_confidence"],
+        min_confidence=config["prediction"]["consensus"]["min_confidence"],
+        outlier_px=config["prediction"]["consensus"]["outlier_px"],
+        min_views=config["triangulation"]["min_views"],
         dropout="" if config["prediction"]["view_dropout"] else "--no-view-dropout",
         device=lambda wildcards: model_device(wildcards.model),
         code=stage_digest("predict_labeled"),
@@ -41,7 +48,8 @@ rule predict_labeled:
     shell:
         "python -m pipeline.stages.predict_labeled {params.dataset} --checkpoint {input.checkpoint:q} "
         "--splits {input.splits:q} --labels-3d {input.labels_3d:q} --out-dir {params.out:q} "
-        "--batch-size {params.batch} --min-confidence {params.min_confidence} {params.dropout} "
+        "--batch-size {params.batch} --min-confidence {params.min_confidence} "
+        "--outlier-px {params.outlier_px} --min-views {params.min_views} {params.dropout} "
         "--device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
@@ -55,6 +63,7 @@ rule predict_video:
             "results/models/{{model}}/videos/{{session}}_{view}.csv", view=VIEWS
         ),
         points_3d="results/models/{model}/videos/{session}_3d.csv",
+        raw=expand("results/models/{{model}}/videos/{{session}}_{view}_raw.csv", view=VIEWS),
         traces=report(
             "results/models/{model}/videos/{session}_trajectories.png",
             caption="../report/video_traces.rst",
@@ -72,7 +81,9 @@ rule predict_video:
         ),
         out=output_folder,
         batch=config["prediction"]["batch_size"],
-        min_confidence=config["prediction"]["min_confidence"],
+        min_confidence=config["prediction"]["consensus"]["min_confidence"],
+        outlier_px=config["prediction"]["consensus"]["outlier_px"],
+        min_views=config["triangulation"]["min_views"],
         labeled="--labeled-video" if config["prediction"]["labeled_videos"] else "",
         skeleton=skeleton_args(),
         device=lambda wildcards: model_device(wildcards.model),
@@ -89,5 +100,6 @@ rule predict_video:
         "python -m pipeline.stages.predict_video --checkpoint {input.checkpoint:q} "
         "--videos {input.videos:q} --view-names {params.views:q} {params.calibration} "
         "--session {wildcards.session:q} --out-dir {params.out:q} --batch-size {params.batch} "
-        "--min-confidence {params.min_confidence} {params.labeled} {params.skeleton} "
+        "--min-confidence {params.min_confidence} --outlier-px {params.outlier_px} "
+        "--min-views {params.min_views} {params.labeled} {params.skeleton} "
         "--device {params.device} --threads {threads} > {log:q} 2>&1"

@@ -6,10 +6,16 @@ gets `copies_per_frame` augmented copies when `imgaug_3d` is on and the frame ha
 and >= 2 triangulated keypoints; otherwise (and for a copy whose warp cannot be fitted in some
 view) only the original is stored, counted per reason in the log. `eval.h5` holds originals.
 
-Labels of an augmented copy, per view, only where the keypoint was labelled in that view:
-the projection of the moved 3D point (NaN if it lands behind the camera); a keypoint labelled
-but not triangulated (too few views) has no 3D, so its click is mapped through the view's warp.
-Then frame -> model pixels; a label outside the model image becomes missing (visible = 0).
+Labels of an augmented copy, per view, where the keypoint was labelled in that view: the
+projection of the moved 3D point (NaN if it lands behind the camera); a keypoint labelled but
+not triangulated (too few views) has no 3D, so its click is mapped through the view's warp.
+
+Hidden keypoints: where a keypoint was NOT clicked in a view but has a triangulated 3D point
+(labelled in >= triangulation.min_views other views) in a calibrated frame, its target is the
+projection of that 3D point (of the moved point in an augmented copy, so it stays consistent
+through the 3D augmentation), stored with `label_source` 2 ("projected"); clicks have 1.
+Then frame -> model pixels; a label outside the model image becomes missing (label_source 0,
+visible 0), as does a projection behind the camera.
 
 Images: each view goes from the image file to the model image in ONE cv2.warpAffine with the
 composed affine resize ∘ warp ∘ (crop -> frame, for bbox datasets) (bilinear, border filled with
@@ -120,9 +126,20 @@ def plan(labels: MultiviewLabels, points_3d: np.ndarray, frames: np.ndarray,
     return samples
 
 
+def projections(group: CameraGroup | None, pose: np.ndarray, n_views: int) -> np.ndarray:
+    """(V, K, 2) frame px of `pose` (K, 3) in every camera, NaN behind a camera, for a missing
+    3D point or without calibration (group None)."""
+    if group is None:
+        return np.full((n_views, len(pose), 2), np.nan)
+    projected = group.project(pose)
+    return np.where(aug.in_front(group, pose)[..., None], projected, np.nan)
+
+
 def build_sample(labels: MultiviewLabels, points_3d: np.ndarray, item: Planned,
-                 images: list[np.ndarray], spec: CacheSpec) -> dict[str, Any]:
-    """One sample's per-sample fields (see `cache`); images: the frame's original views."""
+                 images: list[np.ndarray], spec: CacheSpec,
+                 group: CameraGroup | None = None) -> dict[str, Any]:
+    """One sample's per-sample fields (see `pipeline.data.cache.format`); images: the frame's
+    original views; group: the frame's cameras (None = uncalibrated: no projected targets)."""
     frame = item.frame
     resize = aug.model_from_frame(model_boxes(labels, frame, images), spec.image_size)
     clicks = labels.points_2d[:, frame]  # (V, K, 2) frame px
@@ -133,6 +150,7 @@ def build_sample(labels: MultiviewLabels, points_3d: np.ndarray, item: Planned,
     params = aug.IDENTITY_PARAMS
     targets = clicks
     moved = item.augmentation
+    projected = projections(group, pose, labels.n_views)
     if moved is not None:
         warp, params = moved.warp, moved.params
         has_3d = np.isfinite(pose).all(-1)
@@ -141,21 +159,26 @@ def build_sample(labels: MultiviewLabels, points_3d: np.ndarray, item: Planned,
         gap = np.where(moved.fit_points[..., None], gap, 0.0)
         residual = np.linalg.norm(gap, axis=-1).max(axis=1).astype(np.float32)
         targets = np.where(has_3d[None, :, None], moved.after, aug.apply_affine(warp, clicks))
+        projected = moved.after
         pose = moved.moved
-    targets = np.where(labelled[..., None], targets, np.nan)
+    hidden = ~labelled & np.isfinite(projected).all(-1)
+    targets = np.where(labelled[..., None], targets, projected)
     keypoints = aug.apply_affine(resize, targets)
     keypoints[~aug.inside(keypoints, spec.image_size)] = np.nan
+    found = np.isfinite(keypoints).all(-1)
+    source = np.where(found & labelled, 1, np.where(found & hidden, 2, 0)).astype(np.int8)
     if labels.visible is not None:
         visible = np.nan_to_num(labels.visible[:, frame], nan=0.0)
     else:
         visible = labelled * 2.0
-    visible = np.where(np.isfinite(keypoints).all(-1), visible, 0).astype(np.int8)
+    visible = np.where(source == 1, visible, 0).astype(np.int8)
     from_image = frame_from_image(labels, frame, images)
     image_to_model = aug.compose(aug.compose(resize, warp), from_image)
     return {
         "images": np.stack([warp_image(im, m, spec.image_size)
                             for im, m in zip(images, image_to_model, strict=True)]),
-        "keypoints_2d": keypoints, "visible": visible, "keypoints_3d": pose,
+        "keypoints_2d": keypoints, "visible": visible, "label_source": source,
+        "keypoints_3d": pose,
         "frame_from_model": aug.invert(resize), "warp": warp, "fit_residual_px": residual,
         "frame_index": frame, "copy": item.copy, "scale": params.scale,
         "shift": params.shift, "rotation_deg": params.rotation_deg,
@@ -181,9 +204,10 @@ def build_cache(path: Path, labels: MultiviewLabels, points_3d: np.ndarray, sets
                 if current is None or current[0] != item.frame:
                     current = (item.frame, [read_image(labels.data_dir / p)
                                             for p in labels.image_paths[:, item.frame]])
-                sample = build_sample(labels, points_3d, item, current[1], spec)
-                images[index] = sample.pop("images")
                 calibration = labels.calibration_files[item.frame]
+                sample = build_sample(labels, points_3d, item, current[1], spec,
+                                      groups.get(calibration))
+                images[index] = sample.pop("images")
                 sample["calibration_index"] = calib_index.get(calibration, -1)
                 for name, value in sample.items():
                     samples.setdefault(name, []).append(value)
@@ -215,6 +239,7 @@ def build_cache(path: Path, labels: MultiviewLabels, points_3d: np.ndarray, sets
 def empty_metadata(views: int, keypoints: int) -> dict[str, np.ndarray]:
     """Zero-length per-sample arrays (a cache with no frames, e.g. val_prob 0 and no test)."""
     shapes = {"keypoints_2d": (views, keypoints, 2), "visible": (views, keypoints),
+              "label_source": (views, keypoints),
               "keypoints_3d": (keypoints, 3), "frame_from_model": (views, 2, 3),
               "warp": (views, 2, 3), "fit_residual_px": (views,), "shift": (3,)}
     return {name: np.zeros((0, *shapes.get(name, ())), dtype)

@@ -9,9 +9,14 @@ output (though always decodable) varies from run to run. Strings are fixed-lengt
 (covered by the checksums, unlike variable-length ones).
 
   images            uint8   (N, V, H, W, 3)  BGR, warped + resized; one sample per chunk
-  keypoints_2d      float64 (N, V, K, 2)     model pixels, NaN = missing
+  keypoints_2d      float64 (N, V, K, 2)     model pixels, NaN = missing: the click, or for a
+                                             keypoint hidden in the view the projection of its
+                                             triangulated 3D point (see label_source)
   visible           int8    (N, V, K)        LP 0/1/2 where the CSV had it, else 2 where
-                                             labelled; 0 where missing (also once off-image)
+                                             clicked; 0 elsewhere (also once off-image)
+  label_source      int8    (N, V, K)        1 = clicked, 2 = projected (not clicked in this
+                                             view, triangulated from the others, inside the
+                                             image), 0 = no target
   keypoints_3d      float64 (N, K, 3)        world units (the augmented pose), NaN = missing
   frame_from_model  float64 (N, V, 2, 3)     model pixels -> camera frame pixels (crop/resize)
   warp              float64 (N, V, 2, 3)     original frame px -> augmented frame px
@@ -52,10 +57,10 @@ import numpy as np
 from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import CameraGroup
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_CHUNK = 1024
 PER_SAMPLE = {  # name -> dtype, in creation order (images first)
-    "images": np.uint8, "keypoints_2d": np.float64, "visible": np.int8,
+    "images": np.uint8, "keypoints_2d": np.float64, "visible": np.int8, "label_source": np.int8,
     "keypoints_3d": np.float64, "frame_from_model": np.float64, "warp": np.float64,
     "fit_residual_px": np.float32, "calibration_index": np.int32, "frame_index": np.int32,
     "copy": np.int32, "scale": np.float64, "shift": np.float64, "rotation_deg": np.float64,

@@ -13,8 +13,11 @@ adds a leading B):
                                           photometric augmentation); uint8 0..255 RGB with
                                           `normalize=False` (then call `normalize_images` per
                                           batch, e.g. on the GPU)
-  keypoints_2d      float32 (V, K, 2)     model pixels, 0 where missing
-  keypoints_valid   bool    (V, K)
+  keypoints_2d      float32 (V, K, 2)     model pixels, 0 where missing: clicks, and for
+                                          hidden keypoints the projection of their 3D point
+  keypoints_valid   bool    (V, K)        clicked (label_source 1)
+  hidden_valid      bool    (V, K)        not clicked in this view, target = projection of the
+                                          triangulated point (label_source 2)
   visible           int8    (V, K)        LP 0/1/2 where given, else 2 where labelled, 0 missing
   keypoints_3d      float32 (K, 3)        world units (augmented pose), 0 where missing
   keypoints_3d_valid bool   (K,)
@@ -42,7 +45,8 @@ from pipeline.data.cache.format import decode_strings, open_checked, read_datase
 from pipeline.data.images import normalized_rgb, rgb_planes
 from pipeline.data.photometric import PhotometricConfig, photometric
 
-METADATA = ("keypoints_2d", "visible", "keypoints_3d", "frame_from_model", "calibration_index",
+METADATA = ("keypoints_2d", "visible", "label_source", "keypoints_3d", "frame_from_model",
+            "calibration_index",
             "frame_index", "copy", "fit_residual_px", "cam_intrinsics", "cam_extrinsics",
             "cam_distortions", "cam_fisheye")
 
@@ -143,7 +147,8 @@ class CacheDataset(Dataset):
 def item_tensors(meta: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Every row's item fields but the images (N, ...), converted once: an item indexes them."""
     kp2d, kp3d = meta["keypoints_2d"], meta["keypoints_3d"]
-    valid_2d, valid_3d = np.isfinite(kp2d).all(-1), np.isfinite(kp3d).all(-1)
+    source, valid_3d = meta["label_source"], np.isfinite(kp3d).all(-1)
+    valid_2d = np.isfinite(kp2d).all(-1)
     calib = meta["calibration_index"].astype(np.int64)
     n, views = kp2d.shape[:2]
     calibrated = calib >= 0
@@ -154,7 +159,8 @@ def item_tensors(meta: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         values[calibrated] = meta[f"cam_{key}"][calib[calibrated]]
     fields = {
         "keypoints_2d": np.where(valid_2d[..., None], kp2d, 0.0).astype(np.float32),
-        "keypoints_valid": valid_2d, "visible": meta["visible"].astype(np.int8),
+        "keypoints_valid": valid_2d & (source == 1),
+        "hidden_valid": valid_2d & (source == 2), "visible": meta["visible"].astype(np.int8),
         "keypoints_3d": np.where(valid_3d[..., None], kp3d, 0.0).astype(np.float32),
         "keypoints_3d_valid": valid_3d,
         "frame_from_model": meta["frame_from_model"].astype(np.float32),
