@@ -147,7 +147,7 @@ def score(workdir: Path, model: str) -> dict:
                           / "metrics.json").read_text())["sets"]["test"]
     row["raw_dropped_view_px"] = metrics.get("raw_dropped_view_mean_px")
     row["final_dropped_view_px"] = metrics.get("dropped_view_mean_px")
-    train = pd.read_csv(workdir / "benchmarks" / "train" / f"{model}.tsv", sep="\t")
+    train = pd.read_csv(workdir / "benchmarks" / "train" / model / "train.tsv", sep="\t")
     row["train_s"] = float(train["s"].iloc[0])
     return row
 
@@ -159,7 +159,10 @@ def study(workdir: Path, variants: dict[str, dict], seeds: list[int], precision:
         models = {f"{name}_s{seed}": merge(cfg, {"training": {"rng_seed_model_pt": seed,
                                                               "precision": precision}})
                   for name, cfg in variants.items()}
-        config = merge(BASE, extra or {}, {"models": models})
+        # the variants of config.yaml are switched off: a layered config cannot delete them
+        base_variants = yaml.safe_load((REPO / "config.yaml").read_text()).get("models") or {}
+        config = merge(BASE, extra or {}, {"models": {**dict.fromkeys(base_variants, False),
+                                                      **models}})
         seconds = run_workflow(workdir, config, f"seed{seed}")
         print(f"seed {seed}: workflow {seconds / 60:.1f} min", flush=True)
         for name in models:
