@@ -20,6 +20,7 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     model="|".join(re.escape(name) for name in MODEL_NAMES),
     session="[^/]+",
+    member="(members/seed[0-9]+/)?",
 
 
 include: "workflow/rules/example.smk"

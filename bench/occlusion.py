@@ -147,7 +147,10 @@ def score(workdir: Path, model: str) -> dict:
                           / "metrics.json").read_text())["sets"]["test"]
     row["raw_dropped_view_px"] = metrics.get("raw_dropped_view_mean_px")
     row["final_dropped_view_px"] = metrics.get("dropped_view_mean_px")
-    train = pd.read_csv(workdir / "benchmarks" / "train" / model / "train.tsv", sep="\t")
+    timing = workdir / "benchmarks" / "train" / model / "train.tsv"
+    if not timing.exists():  # the layout before ensembles
+        timing = workdir / "benchmarks" / "train" / f"{model}.tsv"
+    train = pd.read_csv(timing, sep="\t")
     row["train_s"] = float(train["s"].iloc[0])
     return row
 

@@ -1,14 +1,33 @@
-"""Shared test fixtures."""
+"""Shared test fixtures and the Hypothesis profiles.
+
+Hypothesis (tests/test_properties.py) runs the `ci` profile unless the environment variable
+HYPOTHESIS_PROFILE names another: `ci` is derandomized (the same examples on every run and
+machine, derived from each test's source; no example database), so a CI failure reproduces with
+a plain rerun; `explore` (alias `dev`) draws new random examples on each run, ten times as many,
+and keeps failures in the local example database:
+
+    HYPOTHESIS_PROFILE=explore .venv/bin/python -m pytest tests/test_properties.py
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MOUSE = SHARED_DATA / "mouse-4cam"
+
+#: every profile: no per-example deadline (a loaded 2-core machine), tmp_path in @given tests
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+settings.register_profile("ci", max_examples=60, derandomize=True, database=None,
+                          print_blob=True, **_COMMON)
+settings.register_profile("explore", max_examples=600, derandomize=False, **_COMMON)
+settings.register_profile("dev", settings.get_profile("explore"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

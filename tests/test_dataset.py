@@ -246,6 +246,33 @@ def test_bboxes_map_crop_to_frame_pixels(tmp_path):
     np.testing.assert_allclose(unscaled.points_2d, plain.points_2d + np.array([100, 50]))
 
 
+def test_swapped_bbox_columns_are_named(tmp_path):
+    """h and w exchanged (values written in x, y, w, h order under LP's `,x,y,h,w` header): the
+    80x60 boxes of 40x30 crops only fit swapped; said so, not blamed on the calibration later."""
+    root = make_dataset(tmp_path, sessions=("s1",), size=(40, 30))
+    names = write_bboxes(root, row="100,50,80,60")
+    with raises(r"bboxes_top.csv: h and w look swapped: the box of "
+                r"'labeled-data/s1_top/img00000000.png' \(CollectedData_top.csv line 4\) has "
+                r"w = 60, h = 80 but the image is 40x30 .* \(9 boxes like this\)"):
+        load(root, bbox_files=names)
+    for name in names:  # the same values under a header that names them right: fine
+        text = (root / name).read_text()
+        (root / name).write_text(text.replace(",x,y,h,w", ",x,y,w,h", 1))
+    np.testing.assert_array_equal(load(root, bbox_files=names).bboxes[0, 0], [100, 50, 60, 80])
+
+
+def test_csv_files_follow_the_view_names(tmp_path):
+    root = make_dataset(tmp_path, sessions=("s1",))
+    with raises(r"data.csv_file entry 1 'CollectedData_side.csv' is listed for view 'top' "
+                r".* says view 'side'"):
+        load_labels(root, VIEWS, csv_names(("side", "top", "front")))
+    for view in VIEWS:  # names that say nothing: the image folders tell
+        (root / f"CollectedData_{view}.csv").rename(root / f"labels_{VIEWS.index(view)}.csv")
+    with raises(r"labels_1.csv: listed for view 'top' \(data.csv_file entry 1\) but its images "
+                r"are in folders of view 'side' \(e.g. line 4: 'labeled-data/s1_side/"):
+        load_labels(root, VIEWS, ["labels_1.csv", "labels_0.csv", "labels_2.csv"])
+
+
 def test_bad_bbox_files(tmp_path):
     root = make_dataset(tmp_path, sessions=("s1",))
     names = write_bboxes(root)

@@ -183,16 +183,18 @@ def image(data: Path, n: int = 3) -> Path:
 CASES: dict[str, Case] = {
     "malformed_toml": Case(
         lambda d: first_toml(d).write_text(first_toml(d).read_text().replace("]", "", 1)),
-        "validate_calibration", lambda d: (first_toml(d).name,)),
+        "validate_calibration", lambda d: (first_toml(d).name, "not valid TOML")),
     "duplicated_camera": Case(
-        duplicate_camera, "validate_calibration", lambda d: (first_toml(d).name, views(d)[0])),
+        duplicate_camera, "validate_calibration",
+        lambda d: (first_toml(d).name, f"'{views(d)[0]}'", "[cam_0] and [cam_1]")),
     "camera_names_out_of_order": Case(
         reorder_cameras, "validate_calibration",
         lambda d: (first_toml(d).name, views(d)[0], views(d)[-1])),
     "camera_image_size_mismatch": Case(
         lambda d: first_toml(d).write_text(
             first_toml(d).read_text().replace("size = [160, 128]", "size = [640, 512]", 1)),
-        "validate_calibration", lambda d: (first_toml(d).name, "160x128")),
+        "validate_calibration",
+        lambda d: (first_toml(d).name, f"camera '{views(d)[0]}'", "[640, 512]", "160x128")),
     "all_frames_nan": Case(
         lambda d: [blank_rows(csv_of(d, v), slice(None)) for v in range(len(views(d)))],
         "validate_calibration", lambda d: (f"'{views(d)[0]}' (0)", "fewer than 3")),
@@ -200,24 +202,28 @@ CASES: dict[str, Case] = {
         lambda d: keep_labels(csv_of(d, 1), 2),
         "validate_calibration", lambda d: (f"'{views(d)[1]}' (2)", "fewer than 3")),
     "missing_image": Case(
-        lambda d: image(d).unlink(), "validate_calibration", lambda d: ("img0000000",)),
-    "corrupt_image": Case(
+        lambda d: image(d).unlink(), "validate_calibration",
+        lambda d: (str(image(d)), f"{csv_of(d, 0).name} line 7", "image not found")),
+    "corrupt_image": Case(  # the header is unreadable: the size check meets it first
         lambda d: image(d, 5).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20),
-        "cache_augmentations", lambda d: (str(image(d, 5).relative_to(d)),)),
+        "validate_calibration", lambda d: (str(image(d, 5)), "cannot read image")),
+    "corrupt_image_data": Case(  # a readable header, truncated pixel data
+        lambda d: image(d, 5).write_bytes(image(d, 5).read_bytes()[:300]),
+        "cache_augmentations", lambda d: (str(image(d, 5)), "cannot read image")),
     "view_with_fewer_rows": Case(
         lambda d: edit_lines(csv_of(d, 2), lambda lines: lines[:-1]),
-        "validate_calibration", lambda d: (csv_of(d, 2).name,)),
+        "validate_calibration", lambda d: (csv_of(d, 2).name, "19 rows", csv_of(d, 0).name)),
     "frame_keys_differ_across_views": Case(
         lambda d: edit_lines(csv_of(d, 1), lambda lines: lines[:4] + [
             lines[4].replace("img", "frame", 1)] + lines[5:]),
-        "validate_calibration", lambda d: (csv_of(d, 1).name,)),
+        "validate_calibration", lambda d: (csv_of(d, 1).name, "row 2 (line 5)", "frame0000")),
     "keypoint_names_differ": Case(
         lambda d: edit_lines(csv_of(d, 2), lambda lines: [lines[0], lines[1].replace(
             "nose", "snout"), *lines[2:]]),
-        "validate_calibration", lambda d: (csv_of(d, 2).name, "snout")),
+        "validate_calibration", lambda d: (csv_of(d, 2).name, "keypoint 1 is 'snout'")),
     "two_header_rows": Case(
         lambda d: edit_lines(csv_of(d, 0), lambda lines: lines[1:]),
-        "validate_calibration", lambda d: (csv_of(d, 0).name,)),
+        "validate_calibration", lambda d: (csv_of(d, 0).name, "3 header rows")),
 }
 
 
@@ -293,7 +299,7 @@ def test_image_size_not_a_multiple_of_the_patch(out, example_dir, capsys):
     config = {**TRAIN_CONFIG, "data": {"image_resize_dims": {"height": 64, "width": 60},
                                        "downsample_factor": 2}}
     assert run("train", example_dir, out, train_config=config) == 2
-    assert_one_error(capsys, "train", out, ("60",))
+    assert_one_error(capsys, "train", out, ("data.image_resize_dims", "64x60", "patch size"))
 
 
 def test_disk_full_while_writing_the_cache(example_dir, tmp_path, capsys, monkeypatch):
@@ -382,7 +388,7 @@ def test_kill_9_during_training_then_rerun_incomplete_resumes(tmp_path):
 
     again = snakemake(tmp_path, config, "--rerun-incomplete", target)
     assert again.returncode == 0, again.stderr
-    log = (tmp_path / "logs/train/mvt.log").read_text()
+    log = (tmp_path / "logs/train/mvt/train.log").read_text()
     assert "resumed from" in log and "at step 0" not in log, log
     import pandas as pd
 

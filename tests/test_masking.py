@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -111,13 +109,24 @@ def test_apply_keeps_gradients_of_unmasked_pixels():
     assert grad.sum() == 2 * 3 * 32 * 32 - 3 * 16 * 16
 
 
-def test_micro_benchmark():
-    """Sample + apply at B=2, V=4, 256 px (printed, not asserted)."""
-    images = torch.randn(2, 4, 3, 256, 256)
-    n = 20
-    start = time.perf_counter()
-    for step in range(n):
-        mask = sample_patch_mask(2, 4, 16, 16, 0.5, mask_generator(0, step))
-        apply_patch_mask(images, mask, 16)
-    ms = (time.perf_counter() - start) / n * 1e3
-    print(f"\npatch masking B=2 V=4 256px ratio 0.5: {ms:.2f} ms per batch (sample + apply)")
+def naive_patch_mask(images: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
+    """Reference: zero each masked p x p square, one patch at a time."""
+    out = images.clone()
+    for b, v, i, j in mask.nonzero().tolist():
+        out[b, v, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = 0
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.9])
+def test_vectorized_masking_equals_a_naive_loop(ratio):
+    """Sample + apply at B=2, V=4, 256 px (the former micro-benchmark's shapes) and a
+    non-square 96 x 160 image: the vectorised result equals zeroing patch by patch."""
+    generator = torch.Generator().manual_seed(5)
+    for height, width, p in ((256, 256, 16), (96, 160, 16), (64, 48, 8)):
+        images = torch.randn(2, 4, 3, height, width, generator=generator)
+        for step in range(3):
+            mask = sample_patch_mask(2, 4, height // p, width // p, ratio,
+                                     mask_generator(0, step))
+            assert int(mask.sum()) == 2 * 4 * patches_to_mask(ratio, height // p, width // p)
+            out = apply_patch_mask(images, mask, p)
+            assert torch.equal(out, naive_patch_mask(images, mask, p)), (height, width, step)

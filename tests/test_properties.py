@@ -1,19 +1,24 @@
-"""Property tests: camera round trips on random cameras; readers never crash on garbage."""
+"""Property tests: camera round trips on random cameras; readers never crash on garbage.
+
+The number of examples, seeding and deadlines come from the Hypothesis profile loaded in
+tests/conftest.py: `ci` by default (60 derandomized examples per test: every run checks the same
+cases), `HYPOTHESIS_PROFILE=explore` for 600 fresh random ones per run.
+"""
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import Camera, CameraGroup
 from pipeline.io.calibration_toml import read_calibration
 from pipeline.io.labels_csv import read_label_csv
-
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @st.composite
@@ -37,7 +42,6 @@ def cameras(draw, fisheye: bool | None = None) -> Camera:
                   tvec=np.array([0.0, 0.0, draw(st.floats(300, 3000))]), fisheye=fish)
 
 
-@SETTINGS
 @given(cam=cameras(), seed=st.integers(0, 2**31 - 1))
 def test_undistort_inverts_project_inside_the_image(cam, seed):
     rng = np.random.default_rng(seed)
@@ -53,7 +57,6 @@ def test_undistort_inverts_project_inside_the_image(cam, seed):
     np.testing.assert_allclose(cam.distort(back[ok]), pixels[ok], atol=1e-6)
 
 
-@SETTINGS
 @given(cams=st.lists(cameras(fisheye=False), min_size=2, max_size=6), seed=st.integers(0, 10**6))
 def test_triangulate_recovers_points_seen_by_all(cams, seed):
     rng = np.random.default_rng(seed)
@@ -74,7 +77,6 @@ def test_triangulate_recovers_points_seen_by_all(cams, seed):
     assert np.nanmax(result.reproj_error) < 1e-6
 
 
-@SETTINGS
 @given(text=st.text(max_size=400))
 def test_calibration_reader_only_raises_parallax_errors(tmp_path, text):
     path = tmp_path / "garbage.toml"
@@ -85,7 +87,6 @@ def test_calibration_reader_only_raises_parallax_errors(tmp_path, text):
         assert "garbage.toml" in str(err)
 
 
-@SETTINGS
 @given(rows=st.lists(st.lists(st.sampled_from(["scorer", "bodyparts", "coords", "x", "y", "nose",
                                                  "", "1.5", "abc", "visible", "likelihood",
                                                  "labeled-data", "nan", "-3"]),
@@ -99,3 +100,14 @@ def test_label_reader_only_raises_parallax_errors(tmp_path, rows):
         assert "garbage.csv" in str(err)
     else:
         assert table.points.shape == (len(table.index), len(table.keypoint_names), 2)
+
+
+def test_the_ci_profile_is_reproducible():
+    """Unless HYPOTHESIS_PROFILE says otherwise, the tests above run derandomized
+    (tests/conftest.py) with a fixed number of examples and no example database: a CI failure
+    reproduces on rerun."""
+    if os.environ.get("HYPOTHESIS_PROFILE", "ci") != "ci":
+        pytest.skip(f"profile {os.environ['HYPOTHESIS_PROFILE']}")
+    current = settings()
+    assert current.derandomize and current.database is None
+    assert current.max_examples == 60 and current.deadline is None

@@ -46,6 +46,7 @@ def test_recovers_ground_truth(example_dir, tmp_path):
     assert summary["too_few_views"] == int((counts == 1).sum())
     assert summary["unlabelled"] == int((counts == 0).sum())
     assert summary["median_reprojection_px"] < 1e-6
+    assert summary["labels_outside_image"]["count"] == 0
     assert pd.read_csv(paths["outliers"]).empty
 
 

@@ -206,3 +206,113 @@ def test_no_calibration_at_all(example_copy, tmp_path, capsys):
     shutil.rmtree(example_copy / "calibrations")
     code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
     assert_failed(code, paths, capsys, "calibration")
+
+
+# ---------------------------------------------------------------------------- structure, blame
+@pytest.fixture(scope="module")
+def four_views(tmp_path_factory) -> Path:
+    """A noise-free 4-camera example (one session): enough cameras to blame one via the others."""
+    from pipeline.synthetic.generate import generate_example
+
+    out = tmp_path_factory.mktemp("four") / "data"
+    generate_example(out, seed=5, n_sessions=1, frames_per_session=12, n_views=4,
+                     image_size=(160, 128))
+    return out
+
+
+@pytest.fixture
+def four_copy(four_views, tmp_path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(four_views, data)
+    return data
+
+
+def replace_camera(toml: Path, index: int, **changes) -> None:
+    """Rewrite camera `index` of a calibration with some parameters changed."""
+    from dataclasses import asdict
+
+    from pipeline.geometry.cameras import Camera, CameraGroup
+
+    group = read_calibration(toml)
+    cams = list(group.cameras)
+    cams[index] = Camera(**{**asdict(cams[index]), **changes})
+    write_calibration(CameraGroup(cameras=tuple(cams), metadata=group.metadata), toml)
+
+
+def test_identical_cameras_name_the_copy(four_copy, tmp_path, capsys):
+    """cam2 holds cam1's parameters: the other two cameras tell that cam2 is the copy."""
+    views = views_of(four_copy)
+    toml = first_toml(four_copy)
+    source = read_calibration(toml).cameras[1]
+    replace_camera(toml, 2, matrix=source.matrix, dist=source.dist, rvec=source.rvec,
+                   tvec=source.tvec)
+    code, paths = run_stage(dataset_cli_args(four_copy), tmp_path / "out")
+    message = assert_failed(code, paths, capsys, toml.name,
+                            f"cameras '{views[1]}' ([cam_1]) and '{views[2]}' ([cam_2]) have "
+                            "exactly the same parameters")
+    assert f"so camera '{views[2]}' holds the wrong parameters" in message
+
+
+def test_two_cameras_at_one_position(four_copy, tmp_path, capsys):
+    views = views_of(four_copy)
+    toml = first_toml(four_copy)
+    cams = read_calibration(toml).cameras
+    replace_camera(toml, 3, tvec=-cams[3].R @ cams[0].center)  # cam3 moved onto cam0
+    code, paths = run_stage(dataset_cli_args(four_copy), tmp_path / "out")
+    assert_failed(code, paths, capsys, toml.name, f"cameras '{views[0]}' ([cam_0]) and "
+                  f"'{views[3]}' ([cam_3]) sit at the same place")
+
+
+def test_principal_point_outside_the_image_is_a_warning(four_views):
+    from pipeline.data.calibration_check import structural_problems
+
+    group = read_calibration(first_toml(four_views))
+    matrix = group.cameras[1].matrix.copy()
+    matrix[0, 2] = 161.0  # just outside the 160 px wide image
+    cam = group.cameras[1]
+    moved = type(cam)(name=cam.name, size=cam.size, matrix=matrix, dist=cam.dist,
+                      rvec=cam.rvec, tvec=cam.tvec)
+    from pipeline.geometry.cameras import CameraGroup
+
+    errors, warnings = structural_problems(
+        "calibration.toml", CameraGroup(cameras=(group.cameras[0], moved, *group.cameras[2:]),
+                                        metadata={}))
+    assert errors == []
+    (warning,) = warnings
+    assert warning.startswith(f"calibration.toml: camera '{cam.name}' ([cam_1]) principal "
+                              "point (161, ")
+    assert "outside its 160x128 image" in warning
+
+
+def test_one_bad_camera_is_blamed_via_the_others(four_copy, tmp_path, capsys):
+    """The synthetic twin of the real recording's broken `side` camera: one camera rotated by
+    4 degrees inflates every camera's median above the limit; removing the worst left-out
+    camera until the rest agree blames that camera alone."""
+    from pipeline.data.calibration_check import camera_errors
+    from pipeline.data.project import load_labels
+    from pipeline.data.triangulate import load_calibrations
+
+    views = views_of(four_copy)
+    toml = first_toml(four_copy)
+    bad = read_calibration(toml).cameras[2]
+    turn = cv2.Rodrigues(np.array([0.0, np.deg2rad(4.0), 0.0]))[0]
+    replace_camera(toml, 2, rvec=cv2.Rodrigues(turn @ bad.R)[0].ravel(), tvec=turn @ bad.tvec)
+    labels = load_labels(four_copy, views, [f"CollectedData_{v}.csv" for v in views])
+    (name, group), = load_calibrations(labels).items()
+    table = camera_errors(labels, name, group, 2)[0]
+    assert (table.median_px > 2.5).all()  # every camera looks bad on its own numbers
+    code, paths = run_stage(dataset_cli_args(four_copy), tmp_path / "out",
+                            "--max-median-reproj-px", "2.5")
+    message = assert_failed(code, paths, capsys, toml.name, "the other cameras agree without "
+                            "them")
+    assert re.findall(r"'(\w+)' median", message) == [views[2]]
+
+
+def test_image_size_checked_on_every_image(example_copy, tmp_path, capsys):
+    """Not only the first image of each view: the 7th image of a view is named."""
+    views = views_of(example_copy)
+    image = example_copy / "labeled-data" / f"session0_{views[1]}" / "img00000006.png"
+    cv2.imwrite(str(image), np.zeros((120, 160, 3), np.uint8))
+    code, paths = run_stage(dataset_cli_args(example_copy), tmp_path / "out")
+    assert_failed(code, paths, capsys, "session0.toml", f"camera '{views[1]}'", str(image),
+                  "160x120", f"CollectedData_{views[1]}.csv line 10", "1 of 10 images")

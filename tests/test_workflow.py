@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -51,10 +53,14 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
-def snakemake(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, config: Path | Sequence[Path], *extra: str
+              ) -> subprocess.CompletedProcess:
+    """Snakemake on the repository's Snakefile in `workdir`; several config files are layered,
+    later ones on top (as `--configfile base.yaml mine.yaml`)."""
+    configs = [config] if isinstance(config, str | Path) else list(config)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-           str(workdir), "--configfile", str(config), "--cores", "2", *extra]
+           str(workdir), "--configfile", *map(str, configs), "--cores", "2", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
 
 
@@ -202,3 +208,73 @@ def test_train_target_dry_run(tmp_path):
                        "results/models/mvt/best.pt")
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "cache_augmentations" in result.stdout
+
+
+def train_jobs(dry_run_output: str) -> dict[str, tuple[int, str]]:
+    """model -> (its `gpu` resource, its shell command) for every train job of a `-n -p` run."""
+    jobs = {}
+    for block in dry_run_output.split("\nrule ")[1:]:
+        if not block.startswith("train:"):
+            continue
+        model = re.search(r"wildcards: model=([^,\s]+)", block)
+        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
+        command = re.search(r"^Shell command: (.*)$", block, re.MULTILINE)
+        assert model and gpu and command, block
+        jobs[model.group(1)] = (int(gpu.group(1)), command.group(1))
+    return jobs
+
+
+def test_multi_gpu_training_command_and_resources(tmp_path):
+    """training.num_gpus > 1 (from a config layered on top, per variant too): the train job
+    runs `torchrun --standalone --nproc_per_node N -m pipeline.stages.train` and asks for
+    `gpu: N`; one GPU: plain python and gpu 1; training.device cpu: python and gpu 0."""
+    base = write_config(tmp_path / "c.yaml")
+    layer = tmp_path / "gpus.yaml"
+    layer.write_text(yaml.safe_dump({
+        "training": {"num_gpus": 2},
+        "models": {"singleview": {"training": {"num_gpus": 1}},
+                   "mvt_pm": {"training": {"num_gpus": 4}},
+                   "mvt_pm_3d": {"training": {"device": "cpu"}}}}))
+    result = snakemake(tmp_path, [base, layer], "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    jobs = train_jobs(result.stdout)
+    assert set(jobs) == set(MODELS), result.stdout
+    expected = {"mvt": (2, "torchrun --standalone --nproc_per_node 2 -m pipeline.stages.train"),
+                "mvt_pm": (4, "torchrun --standalone --nproc_per_node 4 -m pipeline.stages.train"),
+                "singleview": (1, "python -m pipeline.stages.train"),
+                "mvt_pm_3d": (0, "python -m pipeline.stages.train")}
+    for model, (gpus, launcher) in expected.items():
+        gpu, command = jobs[model]
+        assert gpu == gpus, (model, gpu)
+        assert command.startswith(f"{launcher} --train-h5 "), (model, command)
+        assert "--resume" in command, command
+    # the base config alone: one GPU per training job, no torchrun
+    result = snakemake(tmp_path, base, "-n", "-p")
+    assert result.returncode == 0, result.stderr
+    jobs = train_jobs(result.stdout)
+    assert {model: gpu for model, (gpu, _) in jobs.items()} == dict.fromkeys(MODELS, 1)
+    assert not any("torchrun" in command for _, command in jobs.values())
+
+
+def test_variant_cannot_override_cache_settings(tmp_path):
+    """A variant setting a value that shapes the shared cache (a split or imgaug_3d key under
+    its training section; the image size: variants have no data section) stops the dry run
+    with an error naming the variant and the key(s); in the base section it is fine."""
+    base = write_config(tmp_path / "c.yaml")
+    layer = tmp_path / "variant.yaml"
+    for override in ({"train_prob": 0.5}, {"imgaug_3d": False, "rng_seed_data_pt": 3}):
+        layer.write_text(yaml.safe_dump({"models": {"mvt_pm": {"training": override}}}))
+        result = snakemake(tmp_path, [base, layer], "-n")
+        assert result.returncode != 0
+        out = result.stdout + result.stderr
+        keys = sorted(override)
+        assert f"models.mvt_pm.training overrides {keys}" in out, out
+    layer.write_text(yaml.safe_dump(
+        {"models": {"mvt_pm": {"data": {"image_resize_dims": {"height": 32, "width": 32}}}}}))
+    result = snakemake(tmp_path, [base, layer], "-n")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "'data' was unexpected" in out and "['models']['mvt_pm']" in out, out
+    layer.write_text(yaml.safe_dump({"training": {"train_prob": 0.5, "imgaug_3d": False}}))
+    result = snakemake(tmp_path, [base, layer], "-n")
+    assert result.returncode == 0, result.stderr

@@ -1,4 +1,5 @@
-"""Shared command-line plumbing for the stage scripts: dataset arguments and logging."""
+"""Shared command-line plumbing for the stage scripts: the argument parser, dataset arguments
+and logging."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from pipeline.core.errors import ParallaxError
+
+
+class StageParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors (unknown or missing arguments, a value of the wrong type)
+    raise ParallaxError, so that `run_main` prints them as the one line `parallax error: ...`
+    (exit code 2) instead of a usage dump; `--help` still prints the help."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ParallaxError(f"{self.prog}: {message} (see --help)")
 
 
 def add_dataset_args(parser: argparse.ArgumentParser) -> None:

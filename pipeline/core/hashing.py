@@ -1,4 +1,5 @@
-"""Content digests: config values (canonical JSON) and files (names and bytes)."""
+"""Content digests: config values (canonical JSON), files (names and bytes) and the labelled
+images of a dataset (standard library only: the workflow computes the same digest at start)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,23 @@ def files_hash(paths: Iterable[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for name in sorted(named):
         digest.update(name.encode() + b"\0" + named[name].read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def images_digest(data_dir: str | Path, image_paths: Iterable[str]) -> str:
+    """Digest of the labelled images: each distinct path (as written in the label CSVs,
+    relative to data_dir) and its bytes, in sorted order; a missing file counts as missing.
+
+    The cache rule's params (`workflow/rules/common.smk`) and the cache's `input_hash` (its
+    first part) use this one function, so replacing or editing an image, even keeping its
+    mtime, reruns cache_augmentations and makes the trainer refuse the old cache.
+    """
+    digest = hashlib.sha256()
+    for name in sorted({str(p).replace("\\", "/") for p in image_paths}):
+        digest.update(name.encode() + b"\0")
+        try:
+            with open(Path(data_dir) / name, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+        except OSError:
+            digest.update(b"<missing>")
     return digest.hexdigest()[:16]

@@ -1,5 +1,20 @@
 """Calibration validation: structural checks and per-camera reprojection errors of the
-labels, with each camera in and left out of the triangulation, and the camera(s) to blame."""
+labels, with each camera in and left out of the triangulation, and the camera(s) to blame.
+
+Errors (the calibration cannot work): K's third row not [0, 0, 1], focal lengths <= 0, K[1][0]
+!= 0, bad sizes or non-finite numbers (all on load, `pipeline.io.calibration_toml`), camera names
+other than `data.view_names` or in another order, two cameras with identical parameters (one is
+a copy; the others tell which), two cameras at the same position (a zero baseline: what only
+those two see cannot be triangulated; in practice a copied translation), an image whose size
+differs from its camera's `size`, a labelled camera with fewer than 3 checkable labels, and
+reprojection errors above the limit.
+
+Warnings (a working calibration can look like this; the reprojection of the labels decides):
+a principal point outside the image (a near-orthographic or off-centre camera),
+and a camera with no labels at all in the frames using the calibration (it cannot be checked
+from labels; triangulation, the cache and training go on without its labels). Warnings go to
+the log and to summary.json's `warnings`.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +26,24 @@ import pandas as pd
 
 from pipeline.core.errors import ParallaxError
 from pipeline.data.paths import relative_path
-from pipeline.data.project import MultiviewLabels, image_size
+from pipeline.data.project import MultiviewLabels, image_sizes
 from pipeline.data.triangulate import load_calibrations, triangulate_labels
 from pipeline.geometry.cameras import CameraGroup
 
 log = logging.getLogger(__name__)
 
 
-def structural_problems(name: str, group: CameraGroup) -> list[str]:
-    """Problems :meth:`CameraGroup.load` cannot see on one camera alone."""
-    problems = []
+def structural_problems(name: str, group: CameraGroup) -> tuple[list[str], list[str]]:
+    """(errors, warnings) :meth:`CameraGroup.load` cannot see on one camera alone."""
+    problems, warnings = [], []
     for index, cam in enumerate(group.cameras):
         width, height = cam.size
         cx, cy = cam.matrix[0, 2], cam.matrix[1, 2]
         if not (0 <= cx < width and 0 <= cy < height):
-            problems.append(
+            warnings.append(
                 f"{name}: camera '{cam.name}' ([cam_{index}]) principal point ({cx:g}, {cy:g}) "
-                f"lies outside its {width}x{height} image"
+                f"lies outside its {width}x{height} image (fine for a "
+                "near-orthographic or off-centre camera; the reprojection of the labels decides)"
             )
     centers = np.stack([cam.center for cam in group.cameras])
     scale = max(float(np.ptp(centers, axis=0).max()), 1e-12)
@@ -35,10 +51,11 @@ def structural_problems(name: str, group: CameraGroup) -> list[str]:
     for (i, a), (j, b) in itertools.combinations(enumerate(group.cameras), 2):
         if (i, j) not in identical and np.linalg.norm(a.center - b.center) <= 1e-6 * scale:
             problems.append(
-                f"{name}: cameras '{a.name}' and '{b.name}' sit at the same place "
-                f"({a.center.round(3).tolist()}): a zero baseline cannot triangulate"
+                f"{name}: cameras '{a.name}' ([cam_{i}]) and '{b.name}' ([cam_{j}]) sit at the "
+                f"same place ({a.center.round(3).tolist()}): a zero baseline cannot "
+                "triangulate (a copied translation?)"
             )
-    return problems
+    return problems, warnings
 
 
 def identical_pairs(group: CameraGroup) -> list[tuple[int, int]]:
@@ -77,24 +94,75 @@ def identical_problem(
 
 
 def image_size_problems(name: str, group: CameraGroup, labels: MultiviewLabels) -> list[str]:
-    """Camera `size` against the first labelled image of each view (skipped for bbox crops)."""
+    """Camera `size` against every image of its view in the frames using this calibration
+    (header reads only; bbox crops are checked against their boxes on load instead)."""
     if labels.bboxes is not None:
         return []
     frames = np.flatnonzero(labels.calibration_files == name)
     problems = []
     for view, cam in enumerate(group.cameras):
-        image = labels.data_dir / labels.image_paths[view, frames[0]]
-        size = image_size(image)
-        if tuple(size) != tuple(cam.size):
+        sizes = image_sizes(labels.data_dir, labels.image_paths[view, frames])
+        bad = np.flatnonzero((sizes != np.array(cam.size, float)).any(axis=-1))
+        if bad.size:
+            frame = frames[bad[0]]
+            width, height = sizes[bad[0]].astype(int)
             problems.append(
                 f"{name}: camera '{cam.name}' has size {list(cam.size)} (width, height) but "
-                f"image {image} is {size[0]}x{size[1]}"
+                f"image {labels.data_dir / labels.image_paths[view, frame]} is {width}x{height} "
+                f"({labels.where(view, frame)}; {bad.size} of {frames.size} images of view "
+                f"'{labels.view_names[view]}' differ)"
             )
     return problems
 
 
 # a camera needs this many triangulated labels to have its reprojection error checked
 MIN_CHECK_POINTS = 3
+
+
+def unchecked_cameras(labels: MultiviewLabels, name: str, rows: pd.DataFrame,
+                      min_views: int) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for cameras with too few labels to check. A camera with no label at
+    all in the calibration's frames is a warning (DeepFly3D has such a camera); one with 1-2
+    checkable labels is an error (label more), as is a calibration no camera can be checked in."""
+    frames = labels.calibration_files == name
+    clicked = np.isfinite(labels.points_2d[:, frames]).all(-1).sum(axis=(1, 2))
+    few = rows[rows.n_points < MIN_CHECK_POINTS]
+    checked = len(rows) - len(few)
+    unlabelled = [row.camera for row in few.itertuples()
+                  if clicked[labels.view_names.index(row.camera)] == 0]
+    if checked and unlabelled:
+        few = few[~few.camera.isin(unlabelled)]
+    else:
+        unlabelled = []
+    errors = []
+    if len(few):
+        cams = ", ".join(f"'{row.camera}' ({row.n_points})" for row in few.itertuples())
+        errors.append(
+            f"{name}: camera(s) {cams} have fewer than {MIN_CHECK_POINTS} labelled keypoints "
+            f"that are also labelled in another view (min_views {min_views}), so the "
+            f"calibration cannot be checked; label more frames in these views"
+        )
+    warnings = [
+        f"{name}: camera '{cam}' has no labels in the {int(frames.sum())} frames using this "
+        "calibration, so its calibration cannot be checked from labels; its training targets "
+        "are projections of the points triangulated from the other views"
+        for cam in unlabelled
+    ]
+    return errors, warnings
+
+
+def _log_warnings(warnings: list[str]) -> list[str]:
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
+
+
+def _relative_message(message: str, relative: dict[str, str]) -> str:
+    """A message that starts with a calibration's absolute path, with its portable name."""
+    for name, short in relative.items():
+        if message.startswith(f"{name}:"):
+            return short + message[len(name):]
+    return message
 
 
 def _stats(errors: np.ndarray) -> tuple[int, float, float]:
@@ -175,10 +243,14 @@ def validate(
     """Run every check; raise ParallaxError listing the fatal problems, else return results."""
     groups = load_calibrations(labels)
     problems: list[str] = []
+    warnings: list[str] = []
     for name, group in groups.items():
-        problems += structural_problems(name, group) + image_size_problems(name, group, labels)
+        errors, warned = structural_problems(name, group)
+        problems += errors + image_size_problems(name, group, labels)
+        warnings += warned
         problems += [identical_problem(labels, name, group, pair, min_views)
                      for pair in identical_pairs(group)]
+    _log_warnings(warnings)
     if problems:
         raise ParallaxError("; ".join(problems))
     tables, arrays = [], {}
@@ -189,14 +261,9 @@ def validate(
     table = pd.concat(tables, ignore_index=True)
     log.info("per-camera reprojection error:\n%s", table.to_string(index=False))
     for name, rows in table.groupby("calibration", sort=False):
-        few = rows[rows.n_points < MIN_CHECK_POINTS]
-        if len(few):
-            cams = ", ".join(f"'{row.camera}' ({row.n_points})" for row in few.itertuples())
-            problems.append(
-                f"{name}: camera(s) {cams} have fewer than {MIN_CHECK_POINTS} labelled keypoints "
-                f"that are also labelled in another view (min_views {min_views}), so the "
-                f"calibration cannot be checked; label more frames in these views"
-            )
+        errors, warned = unchecked_cameras(labels, name, rows, min_views)
+        problems += errors
+        warnings += _log_warnings(warned)
     if problems:
         raise ParallaxError("; ".join(problems))
     for name, group in groups.items():
@@ -218,6 +285,7 @@ def validate(
     table["calibration"] = table["calibration"].map(relative)
     summary = {
         "passed": True,
+        "warnings": [_relative_message(w, relative) for w in warnings],
         "max_median_reproj_px": max_px,
         "frames": int(labels.n_frames),
         "frames_without_calibration": int(np.sum(labels.calibration_files == "")),

@@ -1,22 +1,29 @@
 """Images from disk to the model: reading, the frame -> model warp, and normalisation.
 
-Every stage reads images through `read_image`, so all of them see the same pixel grid."""
+Every stage reads images through `read_image`, so all of them see the same pixel grid: the
+stored one. An EXIF orientation tag (phones, some camera software) is ignored, as DLC and LP do
+when labelling and as PIL's header size (`project.image_size`) reports it: labels are in the
+stored pixel grid."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from pipeline.core.errors import ParallaxError
 from pipeline.data import augment3d as aug
 from pipeline.data.project import MultiviewLabels
 
+if TYPE_CHECKING:  # torch is imported where it is used: reading images needs no torch
+    import torch
+
 
 def read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """(H, W, 3) uint8 BGR in the stored pixel grid (EXIF orientation not applied)."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise ParallaxError(f"{path}: cannot read image (missing or corrupt)")
     return image
@@ -94,6 +101,8 @@ def normalized_rgb(bgr: np.ndarray) -> np.ndarray:
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 RGB (..., 3, H, W) -> float32 normalised with ImageNet mean/std."""
+    import torch
+
     mean = torch.as_tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.as_tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
     return images.float().div_(255.0).sub_(mean).div_(std)

@@ -1,21 +1,40 @@
-"""Paths in an LP project: sessions from image folders, frame keys, calibration discovery."""
+"""Paths in an LP project: sessions from image folders, frame keys, calibration discovery.
+
+A folder `<session>_<view>` is resolved by the known view names (`pipeline.core.views`), never
+by splitting at an `_`: view names may hold underscores (`cam_A`, `Camera_left`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
+
+from pipeline.core.views import split_view
 
 
 def posix_path(image_path: str) -> PurePosixPath:
     return PurePosixPath(str(image_path).replace("\\", "/"))
 
 
-def session_of(image_path: str, view: str) -> str:
-    """`labeled-data/sess1_cam0/img5.png`, `cam0` -> `sess1`; a folder without `_<view>` is
-    returned whole."""
+def folder_of(image_path: str) -> str:
+    """The image's folder name (`labeled-data/s1_top/img5.png` -> `s1_top`), "" if none."""
     parts = posix_path(image_path).parts
-    folder = parts[-2] if len(parts) >= 2 else ""
-    suffix = f"_{view}"
-    return folder[: -len(suffix)] if folder.endswith(suffix) and folder != suffix else folder
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def session_of(image_path: str, view: str) -> str:
+    """`labeled-data/sess1_cam0/img5.png`, `cam0` -> `sess1` (the row's own view is known, so
+    `labeled-data/s_1_cam_A/x.png`, `cam_A` -> `s_1`); a folder without `_<view>` is returned
+    whole."""
+    folder = folder_of(image_path)
+    parts = split_view(folder, [view])
+    return parts[0] if parts else folder
+
+
+def folder_session(folder: str, views: Sequence[str]) -> tuple[str, str | None]:
+    """(session, view) of a folder name whose view is not known: the longest view name that
+    ends it after an `_`; (folder, None) when none does."""
+    parts = split_view(folder, views)
+    return parts if parts else (folder, None)
 
 
 def relative_path(path: str | Path, data_dir: Path) -> str:

@@ -7,12 +7,19 @@ Layout (README "Your own data"):
   calibrations/<session>.toml, calibration.toml
   bboxes_<view>.csv                           optional `data.bbox_file`, header `,x,y,h,w`
 
-Checks: one CSV per view, unique view names; the same keypoints in the same order, the same row
-count and the same image basename on every row in all views; one session per row.
+Checks: one CSV per view, unique view names that cannot be confused in `<session>_<view>`
+(`pipeline.core.views`); data.csv_file in view order (a CSV whose name ends with another view's
+name, or whose image folders all belong to another view, is listed in the wrong place); the same
+keypoints in the same order, the same row count and the same image basename on every row in all
+views; one session per row.
 
-Sessions: the image folder `<session>_<view>` with the trailing `_<view>` stripped; a folder that
-does not end with `_<view>` is the session as a whole (then every view must use the same folder
-name on that row).
+Sessions: the image folder `<session>_<view>` with the trailing `_<view>` stripped (view names may
+hold underscores: `s_1_cam_A` of view `cam_A` is session `s_1`); a folder that does not end with
+`_<view>` is the session as a whole (then every view must use the same folder name on that row).
+
+Images are read as stored: sizes come from the file header (PIL, which never applies an EXIF
+orientation tag), pixels through `pipeline.data.images.read_image` (which ignores it too), so
+labels are in the stored pixel grid, as DLC and LP label them.
 
 Calibration per frame, first hit wins: (1) the `camera_params_file` (LP's calibrations.csv: first
 column an image path without the view folder, e.g. `labeled-data/session0/img00000005.png`,
@@ -25,7 +32,8 @@ Otherwise "" (no calibration for that frame).
 
 Bboxes: the label CSVs are then in crop pixels; frame = bbox (x, y) + crop * (w / crop width,
 h / crop height), the crop image size read from the image header when `check_images` is True
-(crops may have been resized), else scale 1. Everything returned is in frame pixels.
+(crops may have been resized), else scale 1. Everything returned is in frame pixels. Boxes whose
+h and w only fit their crop images when swapped are refused as swapped columns.
 """
 
 from __future__ import annotations
@@ -39,7 +47,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import ParallaxError
-from pipeline.data.paths import find_calibration, posix_path, relative_path, session_of
+from pipeline.core.views import check_view_names, split_view
+from pipeline.data.paths import (
+    find_calibration,
+    folder_of,
+    folder_session,
+    posix_path,
+    relative_path,
+    session_of,
+)
 from pipeline.data.sidecars import bbox_table, params_file_calibrations
 from pipeline.io.labels_csv import LabelTable, read_label_csv
 
@@ -48,6 +64,7 @@ __all__ = [
     "find_calibration",
     "frame_keys",
     "image_size",
+    "image_sizes",
     "load_labels",
     "relative_path",
     "session_of",
@@ -67,6 +84,8 @@ class MultiviewLabels:
     sessions, frame_names: (frames,) session name and image basename of each row
     bboxes: (views, frames, 4) x, y, h, w in frame pixels (LP order) or None
     calibration_files: (frames,) absolute path of the frame's calibration TOML, "" if none
+    csv_files: (views,) each view's label CSV; csv_lines: (views, frames) the CSV line of each
+        row (for messages), or None
     """
 
     data_dir: Path
@@ -79,6 +98,14 @@ class MultiviewLabels:
     frame_names: np.ndarray
     bboxes: np.ndarray | None
     calibration_files: np.ndarray
+    csv_files: tuple[Path, ...] = ()
+    csv_lines: np.ndarray | None = None
+
+    def where(self, view: int, frame: int) -> str:
+        """`<csv> line <n>` of a view's row (for messages); the image path if unknown."""
+        if self.csv_lines is None or not self.csv_files:
+            return str(self.image_paths[view, frame])
+        return f"{self.csv_files[view].name} line {int(self.csv_lines[view, frame])}"
 
     @property
     def n_views(self) -> int:
@@ -100,7 +127,7 @@ class MultiviewLabels:
                 raise ValueError(f"frame mask shape {frames.shape} != ({self.n_frames},)")
             frames = np.flatnonzero(frames)
         frames = frames.astype(int).reshape(-1)
-        per_view = ("image_paths", "points_2d", "visible", "bboxes")
+        per_view = ("image_paths", "points_2d", "visible", "bboxes", "csv_lines")
         per_frame = ("sessions", "frame_names", "calibration_files")
         changes = {}
         for item in fields(self):
@@ -121,7 +148,8 @@ def frame_keys(labels: MultiviewLabels) -> list[str]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image, read from its header (no full decode)."""
+    """(width, height) of an image as stored, read from its header (no decode; PIL does not
+    apply an EXIF orientation tag, and neither does `read_image`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -131,6 +159,63 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ParallaxError(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError) as err:
         raise ParallaxError(f"{path}: cannot read image: {err}") from None
+
+
+def image_sizes(data_dir: Path, image_paths: np.ndarray) -> np.ndarray:
+    """(..., 2) width, height of every image of `image_paths` (paths relative to data_dir),
+    from the headers only: fast enough for thousands of images."""
+    flat = [image_size(Path(data_dir) / posix_path(p)) for p in np.ravel(image_paths)]
+    return np.array(flat, dtype=float).reshape(*np.shape(image_paths), 2)
+
+
+def _check_view_order(tables: list[LabelTable], views: Sequence[str],
+                      csv_files: Sequence[str]) -> None:
+    """data.csv_file must follow data.view_names: a CSV named `..._<other view>.csv`, or whose
+    image folders are all `<session>_<other view>`, is listed for the wrong view."""
+    for i, (table, view, name) in enumerate(zip(tables, views, csv_files, strict=True)):
+        named = split_view(Path(name).stem, views)
+        if named and named[1] != view:
+            raise ParallaxError(
+                f"data.csv_file entry {i + 1} '{name}' is listed for view '{view}' (data."
+                f"view_names {list(views)}) but its name says view '{named[1]}'; list the CSVs "
+                "in data.view_names order"
+            )
+        owners = [folder_session(folder_of(p), views)[1] for p in table.index]
+        found = [v for v in owners if v is not None]
+        if found and view not in found:
+            other = max(set(found), key=found.count)
+            example = table.index[owners.index(other)]
+            raise ParallaxError(
+                f"{table.path}: listed for view '{view}' (data.csv_file entry {i + 1}) but its "
+                f"images are in folders of view '{other}' (e.g. line {table.line_of(0)}: "
+                f"'{example}'); list data.csv_file in data.view_names order"
+            )
+
+
+def _crop_scale(bboxes: np.ndarray, sizes: np.ndarray, tables: list[LabelTable],
+                bbox_paths: Sequence[Path], image_paths: np.ndarray) -> np.ndarray:
+    """(views, frames, 2) frame px per crop px (bbox w / width, h / height). Boxes whose h and w
+    fit their crops only when swapped are refused (a swapped `,x,y,w,h` header, or columns
+    mixed up), rather than blamed on the calibration later."""
+    box_wh = np.stack([bboxes[..., 3], bboxes[..., 2]], axis=-1)
+    scale = box_wh / sizes
+    swapped = box_wh[..., ::-1] / sizes
+
+    def uneven(s: np.ndarray) -> np.ndarray:
+        return np.abs(np.log(s[..., 0] / s[..., 1])) > 0.01
+
+    bad = uneven(scale) & ~uneven(swapped)
+    if bad.any():
+        view, frame = np.argwhere(bad)[0]
+        (w, h), (width, height) = box_wh[view, frame], sizes[view, frame]
+        raise ParallaxError(
+            f"{bbox_paths[view]}: h and w look swapped: the box of '{image_paths[view, frame]}' "
+            f"({tables[view].path.name} line {tables[view].line_of(frame)}) has w = {w:g}, "
+            f"h = {h:g} but the image is {width:g}x{height:g} (w x h), which fits only with h "
+            f"and w exchanged ({int(bad.sum())} boxes like this); columns are read by name, LP's "
+            "header is ',x,y,h,w'"
+        )
+    return scale
 
 
 def _check_alignment(tables: list[LabelTable]) -> None:
@@ -217,12 +302,14 @@ def load_labels(
     if len(set(views)) != len(views):
         dupes = sorted({v for v in views if views.count(v) > 1})
         raise ParallaxError(f"data.view_names has duplicates {dupes}: {list(views)}")
+    check_view_names(views)
     if bbox_files is not None and len(bbox_files) != len(views):
         raise ParallaxError(
             f"data.bbox_file lists {len(bbox_files)} files but data.view_names has {len(views)} "
             "views; give one bbox CSV per view, in view order"
         )
     tables = [read_label_csv(data_dir / name) for name in csv_files]
+    _check_view_order(tables, views, csv_files)
     _check_alignment(tables)
     image_paths = np.array([list(t.index) for t in tables], dtype=object).reshape(len(views), -1)
     frame_names = np.array([posix_path(p).name for p in tables[0].index], dtype=object)
@@ -240,9 +327,8 @@ def load_labels(
         bboxes = bbox_table(data_dir, bbox_files, tables)
         scale = np.ones((len(views), len(frame_names), 2))
         if check_images:  # crop images may have been resized: scale = bbox size / image size
-            sizes = np.array([[image_size(data_dir / posix_path(p)) for p in row]
-                              for row in image_paths], dtype=float).reshape(scale.shape)
-            scale = np.stack([bboxes[..., 3], bboxes[..., 2]], axis=-1) / sizes
+            scale = _crop_scale(bboxes, image_sizes(data_dir, image_paths), tables,
+                                [data_dir / name for name in bbox_files], image_paths)
         points = bboxes[:, :, None, :2] + points * scale[:, :, None, :]
     by_session = {s: str(find_calibration(data_dir, s) or "") for s in dict.fromkeys(sessions)}
     calibration = np.array([by_session[s] for s in sessions], dtype=object)
@@ -273,6 +359,9 @@ def load_labels(
         frame_names=frame_names,
         bboxes=bboxes,
         calibration_files=calibration,
+        csv_files=tuple(t.path for t in tables),
+        csv_lines=np.array([[t.line_of(r) for r in range(len(t.index))] for t in tables],
+                           dtype=int).reshape(len(views), -1),
     )
 
 

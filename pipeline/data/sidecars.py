@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import ParallaxError
-from pipeline.data.paths import posix_path
+from pipeline.data.paths import folder_of, folder_session, posix_path
 from pipeline.io.labels_csv import LabelTable
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,8 @@ def params_file_calibrations(data_dir: Path, name: str, views: Sequence[str],
         if not image or not toml:
             raise ParallaxError(f"{path}: line {line}: needs an image path and a 'file' value")
         parts = posix_path(image).parts
-        folder = parts[-2] if len(parts) >= 2 else ""
-        for view in views:  # tolerate paths that keep the view folder
-            if folder.endswith(f"_{view}") and folder != f"_{view}":
-                folder = folder[: -len(view) - 1]
-                break
+        # tolerate paths that keep the view folder: the longest view name ending it is stripped
+        folder = folder_session(folder_of(image), views)[0]
         toml_path = (data_dir / toml).absolute()
         if not toml_path.is_file():
             raise ParallaxError(f"{path}: line {line}: calibration file '{toml}' not found "

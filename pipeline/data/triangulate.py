@@ -1,4 +1,11 @@
-"""Triangulation of a labelled multi-view dataset, one calibration's frames at a time."""
+"""Triangulation of a labelled multi-view dataset, one calibration's frames at a time.
+
+Labels outside their camera's image (beyond half a pixel of the border) are counted and reported
+with an example CSV line; labels further out than one image size (a wrong unit, a sentinel
+value, a bbox mix-up) cannot be clicks on that image and are left out of the 3D (their error is
+still measured, so outliers.csv lists them). Reprojection errors are distances computed without
+overflow; a non-finite one is NaN, never inf.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +34,48 @@ class LabelTriangulation:
     reproj_error: (views, frames, keypoints) pixels, NaN where the view has no label or no 3D
     n_views: (frames, keypoints) number of views whose labels were used
     calibrated: (frames,) whether a calibration file was found for the frame
+    outside: (views, frames, keypoints) labels outside their camera's image
+    left_out: (views, frames, keypoints) labels further out than one image size, not used
     """
 
     points_3d: np.ndarray
     reproj_error: np.ndarray
     n_views: np.ndarray
     calibrated: np.ndarray
+    outside: np.ndarray | None = None
+    left_out: np.ndarray | None = None
+
+
+def check_min_views(min_views: int, views: tuple[str, ...] | list[str]) -> None:
+    """triangulation.min_views must be between 2 and the number of views."""
+    if not 2 <= min_views <= len(views):
+        raise ParallaxError(
+            f"triangulation.min_views (--min-views) is {min_views} but data.view_names lists "
+            f"{len(views)} views {list(views)}; it must be between 2 and {len(views)}"
+        )
+
+
+def image_bounds(labels: MultiviewLabels, groups: dict[str, CameraGroup]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(outside, far): (views, frames, keypoints) labels outside their camera's `size`, and
+    further out than one image size (frames without calibration: neither)."""
+    outside = np.zeros(labels.points_2d.shape[:3], bool)
+    far = outside.copy()
+    for path, group in groups.items():
+        frames = labels.calibration_files == path
+        size = np.array([cam.size for cam in group.cameras], float)[:, None, None, :]
+        xy = labels.points_2d[:, frames]
+        with np.errstate(invalid="ignore"):
+            outside[:, frames] = ((xy < -0.5) | (xy > size - 0.5)).any(-1)
+            far[:, frames] = ((xy < -size) | (xy > 2 * size)).any(-1)
+    return outside, far
+
+
+def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| over the last axis (2) without overflow; NaN where not finite."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        dist = np.hypot(a[..., 0] - b[..., 0], a[..., 1] - b[..., 1])
+    return np.where(np.isfinite(dist), dist, np.nan)
 
 
 def load_calibrations(labels: MultiviewLabels, required: bool = True) -> dict[str, CameraGroup]:
@@ -69,22 +112,27 @@ def triangulate_labels(
     points_3d = np.full((n_frames, n_kp, 3), np.nan)
     used = np.zeros((n_frames, n_kp), dtype=int)
     reproj = np.full((n_views, n_frames, n_kp), np.nan)
+    outside, far = image_bounds(labels, groups)
     for path, group in groups.items():
         frames = np.flatnonzero(labels.calibration_files == path)
         observed = labels.points_2d[:, frames]
         weights = None
-        if view_weights is not None:
-            finite = np.isfinite(observed).all(axis=-1)
-            weights = np.where(finite, np.asarray(view_weights, float)[:, None, None], 0.0)
-        result = group.triangulate(observed, weights=weights, min_views=min_views)
+        if view_weights is not None or far[:, frames].any():
+            finite = np.isfinite(observed).all(axis=-1) & ~far[:, frames]
+            scale = np.ones(n_views) if view_weights is None else np.asarray(view_weights, float)
+            weights = np.where(finite, scale[:, None, None], 0.0)
+        result = group.triangulate(np.where(far[:, frames, :, None], np.nan, observed),
+                                   weights=weights, min_views=min_views)
         points_3d[frames] = result.points_3d
         used[frames] = result.n_views
-        reproj[:, frames] = group.reprojection_error(result.points_3d, observed)
+        reproj[:, frames] = pixel_distance(group.project(result.points_3d), observed)
     return LabelTriangulation(
         points_3d=points_3d,
         reproj_error=reproj,
         n_views=used,
         calibrated=labels.calibration_files != "",
+        outside=outside,
+        left_out=far,
     )
 
 
@@ -95,9 +143,11 @@ def view_counts(labels: MultiviewLabels) -> np.ndarray:
 
 def points_table(labels: MultiviewLabels, tri: LabelTriangulation) -> pd.DataFrame:
     """One row per frame: image, session, calibration, then per keypoint x, y, z, error, ncams."""
+    errors = tri.reproj_error if tri.left_out is None else np.where(tri.left_out, np.nan,
+                                                                     tri.reproj_error)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices stay NaN
-        mean_error = np.nanmean(tri.reproj_error, axis=0)
+        mean_error = np.nanmean(errors, axis=0)  # over the views used
     columns: dict[str, np.ndarray | list] = {
         "image": frame_keys(labels),
         "session": list(labels.sessions),
@@ -132,6 +182,24 @@ def outliers_table(
     return table.sort_values("reprojection_px", ascending=False, kind="stable")
 
 
+def outside_report(labels: MultiviewLabels, tri: LabelTriangulation) -> dict:
+    """Count of labels outside their image (and of those left out of the 3D), with the
+    farthest one as an example `<csv> line <n>` (for the log and summary.json)."""
+    outside = np.zeros(labels.points_2d.shape[:3], bool) if tri.outside is None else tri.outside
+    far = np.zeros_like(outside) if tri.left_out is None else tri.left_out
+    report = {"count": int(outside.sum()), "left_out_of_3d": int(far.sum()), "example": None,
+              "explained": "labels outside their camera's image (calibration size); those "
+                           "further out than one image size are left out of the 3D"}
+    if outside.any():
+        flat = labels.points_2d[outside]
+        view, frame, kp = np.argwhere(outside)[int(np.argmax(np.abs(flat).max(-1)))]
+        x, y = labels.points_2d[view, frame, kp]
+        report["example"] = (f"{labels.where(view, frame)}: view '{labels.view_names[view]}' "
+                             f"keypoint '{labels.keypoint_names[kp]}' at ({x:.6g}, {y:.6g}) "
+                             f"in '{labels.image_paths[view, frame]}'")
+    return report
+
+
 def _median(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(np.median(finite)) if finite.size else None
@@ -162,5 +230,6 @@ def summarize(labels: MultiviewLabels, tri: LabelTriangulation, min_views: int,
         },
         "outlier_threshold_px": threshold,
         "outliers": n_outliers,
+        "labels_outside_image": outside_report(labels, tri),
         "units": "calibration units (as in calibration.toml translation)",
     }

@@ -7,10 +7,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.core.errors import ParallaxError
+from pipeline.data.images import read_image
 from pipeline.evaluation import metrics as M
 from pipeline.evaluation.inputs import EvalInputs
 
@@ -65,6 +66,21 @@ def _stats(frame: pd.DataFrame, keys: list[str], thresholds, fraction, with_3d: 
     return out
 
 
+def _view_stats(frame: pd.DataFrame, unlabelled: list[str], thresholds, fraction: float,
+                first: str) -> pd.DataFrame:
+    """Per set x view stats against the labels; a view without any label (DeepFly3D has one)
+    is measured against the ground-truth 3D projected into it (`occ_error` of its occluded
+    entries) instead, marked truth = projected_3d."""
+    labelled = _stats(frame, ["set", "view"], thresholds, fraction, False, first)
+    labelled = labelled[~labelled["view"].isin(unlabelled)].assign(truth="labels")
+    if not unlabelled:
+        return labelled
+    rows = frame[frame["view"].isin(unlabelled)]
+    rows = rows.assign(error=np.where(rows["category"] == 1, rows["occ_error"], np.nan))
+    projected = _stats(rows, ["set", "view"], thresholds, fraction, False, first)
+    return pd.concat([labelled, projected.assign(truth="projected_3d")])
+
+
 def _ordered(table: pd.DataFrame, views: Sequence[str], keypoints: Sequence[str],
              columns: list[str]) -> pd.DataFrame:
     order = {"set": list(M.SETS), "view": [*views, "all"], "keypoint": [*keypoints, "all"],
@@ -114,11 +130,13 @@ def compute(inp: EvalInputs, thresholds: Sequence[float], fraction: float) -> Ev
         _stats(frame, ["set", "view", "keypoint"], thresholds, fraction, False, first),
         _stats(frame, ["set", "keypoint"], thresholds, fraction, True, first).assign(view="all"),
     ]), views, kps, columns)
+    unlabelled = [views[v] for v in range(n_views) if not labelled[v].any()]
     per_view = _ordered(pd.concat([
-        _stats(frame, ["set", "view"], thresholds, fraction, False, first).assign(keypoint="all"),
+        _view_stats(frame, unlabelled, thresholds, fraction, first).assign(keypoint="all"),
         _stats(frame, ["set"], thresholds, fraction, True, first).assign(view="all",
-                                                                         keypoint="all"),
-    ]), views, kps, columns)
+                                                                         keypoint="all",
+                                                                         truth="labels"),
+    ]), views, kps, [*columns, "truth"])
     occ = frame[frame["category"] >= 0].assign(
         category=lambda t: pd.Categorical.from_codes(t["category"], ["labelled", "occluded"]))
     occ_columns = ["set", "view", "category", "n", "mean_px", "median_px", *pcks]
@@ -136,6 +154,10 @@ def compute(inp: EvalInputs, thresholds: Sequence[float], fraction: float) -> Ev
                         if present else "no labelled frames in any set")
     if not inp.groups:
         ev.notes.append("no calibration: no 3D, reprojection or occluded-keypoint errors")
+    if unlabelled:
+        ev.notes.append(f"view(s) {unlabelled} have no labels: per_view.csv reports them apart "
+                        "(truth = projected_3d: errors against the ground-truth 3D projected "
+                        "into the view); the 'all' rows cover the labelled views only")
     ev.summary = headline(ev, inp, thresholds, fraction, outside)
     for note in ev.notes:
         log.warning("%s", note)
@@ -152,7 +174,8 @@ def headline(ev: Evaluation, inp: EvalInputs, thresholds, fraction, outside) -> 
                        "n_outside_image": int(outside[:, mask].sum())}
         row = ev.per_view[(ev.per_view["set"] == name) & (ev.per_view["view"] == "all")]
         for column in ev.per_view.columns[3:]:
-            entry[column] = row[column].iloc[0] if len(row) else None
+            if column != "truth":
+                entry[column] = row[column].iloc[0] if len(row) else None
         for category in ("labelled", "occluded"):
             row = ev.occlusion[(ev.occlusion["set"] == name) & (ev.occlusion["view"] == "all")
                                & (ev.occlusion["category"] == category)]
@@ -196,15 +219,18 @@ def overlay_inputs(inp: EvalInputs, errors: np.ndarray, frames: np.ndarray, n: i
         row = []
         for v in range(labels.n_views):
             path = labels.data_dir / str(labels.image_paths[v, f])
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
+            try:
+                image = read_image(path)  # the stored grid, as the labels (no EXIF rotation)
+            except ParallaxError:
                 log.warning("%s: cannot read image for the overlay", path)
-            elif labels.bboxes is not None:  # show crop pixels: invert frame = xy + crop * scale
+                row.append(None)
+                continue
+            if labels.bboxes is not None:  # show crop pixels: invert frame = xy + crop * scale
                 x, y, h, w = labels.bboxes[v, f]
                 scale = np.array([w / image.shape[1], h / image.shape[0]])
                 lab[v, i] = (lab[v, i] - [x, y]) / scale
                 pred[v, i] = (pred[v, i] - [x, y]) / scale
-            row.append(None if image is None else image[..., ::-1])
+            row.append(image[..., ::-1])
         images.append(row)
     titles = [f"{labels.image_paths[0, f]}\nmean {s:.1f} px" for f, s in zip(order, score,
                                                                           strict=True)]

@@ -332,4 +332,4 @@ class CameraGroup:
     def reprojection_error(self, points_3d: np.ndarray, points_2d: np.ndarray) -> np.ndarray:
         """(..., 3) and (views, ..., 2) -> (views, ...) pixel distance (NaN if either missing)."""
         diff = self.project(points_3d) - self._check_2d(points_2d)
-        return np.sqrt(np.einsum("...i,...i->...", diff, diff))
+        return np.hypot(diff[..., 0], diff[..., 1])  # no overflow for far-off points

@@ -18,7 +18,8 @@ from pipeline.data.images import frame_from_image, read_image
 from pipeline.data.project import MultiviewLabels
 from pipeline.data.triangulate import load_calibrations
 from pipeline.inference.consensus import ConsensusSettings, consensus, frame_scale
-from pipeline.inference.predictor import LoadedModel, predict, prepare_views
+from pipeline.inference.ensemble import Ensemble, combine, predict_members
+from pipeline.inference.predictor import prepare_views
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +36,32 @@ def load_frame(labels: MultiviewLabels, frame: int,
 
 @dataclass(frozen=True)
 class LabeledPredictions:
-    """The network's predictions of every labelled frame.
+    """The network's predictions of every labelled frame (an ensemble's: the members' mean).
 
     points (V, N, K, 2) frame px, confidence (V, N, K), scale (V, N) frame px per model px;
-    dropout_points (B, V, N_d, K, 2) and dropout_confidence (B, V, N_d, K): the dropout frames
-    with view b blanked (B = V, or 0 without view dropout).
+    variance (V, N, K, 2) px² across ensemble members (None for one model), member_points
+    (M, V, N, K, 2) and member_confidence (M, V, N, K); dropout_points (B, V, N_d, K, 2) and
+    dropout_confidence (B, V, N_d, K): the dropout frames with view b blanked (B = V, or 0
+    without view dropout).
     """
 
     points: np.ndarray
     confidence: np.ndarray
     scale: np.ndarray
+    variance: np.ndarray | None
+    member_points: np.ndarray
+    member_confidence: np.ndarray
     dropout_points: np.ndarray
     dropout_confidence: np.ndarray
 
 
-def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.ndarray,
+def predict_frames(ensemble: Ensemble, labels: MultiviewLabels, dropout: np.ndarray,
                    batch_size: int, threads: int, view_dropout: bool) -> LabeledPredictions:
-    """Predict every frame, a batch of frames at a time; dropout: (N,) bool, the frames of the
-    view-dropout runs."""
-    n, v, k = labels.n_frames, labels.n_views, labels.n_keypoints
-    points, confidence = np.full((n, v, k, 2), np.nan), np.full((n, v, k), np.nan)
+    """Predict every frame with every member, a batch of frames at a time; dropout: (N,) bool,
+    the frames of the view-dropout runs."""
+    n, v, k, m = labels.n_frames, labels.n_views, labels.n_keypoints, len(ensemble)
+    size = ensemble.first.image_size
+    points, confidence = np.full((m, n, v, k, 2), np.nan), np.full((m, n, v, k), np.nan)
     scale = np.full((n, v), np.nan)
     blanked = np.full((v if view_dropout else 0, n, v, k, 2), np.nan)
     blanked_conf = np.full((v if view_dropout else 0, n, v, k), np.nan)
@@ -63,25 +70,27 @@ def predict_frames(loaded: LoadedModel, labels: MultiviewLabels, dropout: np.nda
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for start in tqdm(starts, desc="predict", unit="batch", disable=None):
             frames = np.arange(start, min(start + batch_size, n))
-            loaded_frames = list(pool.map(lambda f: load_frame(labels, int(f),
-                                                               loaded.image_size), frames))
+            loaded_frames = list(pool.map(lambda f: load_frame(labels, int(f), size), frames))
             images = np.stack([item[0] for item in loaded_frames])  # (b, V, H, W, 3)
             to_frame = np.stack([item[1] for item in loaded_frames])  # (b, V, 2, 3)
             scale[frames] = frame_scale(to_frame)
-            points[frames], confidence[frames] = predict(loaded, images, to_frame,
-                                                         batch_size=batch_size)
+            points[:, frames], confidence[:, frames] = predict_members(
+                ensemble, images, to_frame, batch_size=batch_size)
             chosen = np.flatnonzero(dropout[frames])
             if view_dropout and chosen.size:
                 # every chosen frame once per blanked view, in one batched call: (V·c, V, ...)
                 reps = np.repeat(chosen[None], v, axis=0).ravel()
                 mask = np.repeat(eye, chosen.size, axis=0)
-                xy, conf = predict(loaded, images[reps], to_frame[reps], blank_mask=mask,
-                                   batch_size=batch_size)
+                xy, conf, _ = combine(*predict_members(ensemble, images[reps], to_frame[reps],
+                                                       blank_mask=mask, batch_size=batch_size))
                 blanked[:, frames[chosen]] = xy.reshape(v, chosen.size, v, k, 2)
                 blanked_conf[:, frames[chosen]] = conf.reshape(v, chosen.size, v, k)
+    member_points, member_conf = points.swapaxes(1, 2), confidence.swapaxes(1, 2)
+    mean, conf, variance = combine(member_points, member_conf)
     return LabeledPredictions(
-        points=points.transpose(1, 0, 2, 3), confidence=confidence.transpose(1, 0, 2),
-        scale=scale.T, dropout_points=blanked[:, dropout].transpose(0, 2, 1, 3, 4),
+        points=mean, confidence=conf, scale=scale.T, variance=variance,
+        member_points=member_points, member_confidence=member_conf,
+        dropout_points=blanked[:, dropout].transpose(0, 2, 1, 3, 4),
         dropout_confidence=blanked_conf[:, dropout].transpose(0, 2, 1, 3))
 
 

@@ -12,13 +12,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.errors import ParallaxError
+from pipeline.core.views import check_view_names
 from pipeline.geometry.cameras import CameraGroup
 from pipeline.inference.consensus import frame_scale
-from pipeline.inference.predictor import (
-    LoadedModel,
-    predict,
-    prepare_views,
-)
+from pipeline.inference.ensemble import Ensemble, combine, predict_members
+from pipeline.inference.predictor import LoadedModel, prepare_views
 from pipeline.io.video import VideoInfo, check_synchronised, iter_batches, split_name
 
 
@@ -31,13 +29,18 @@ class FrameSink(Protocol):
 
 @dataclass
 class VideoPredictions:
-    """points (V, N, K, 2) frame px; confidence (V, N, K); scale (V,) frame px per model px;
-    seconds spent per step."""
+    """points (V, N, K, 2) frame px and confidence (V, N, K): the members' mean for an
+    ensemble; variance (V, N, K, 2) px² across members (None for one model); member_points
+    (M, V, N, K, 2), member_confidence (M, V, N, K); scale (V,) frame px per model px; seconds
+    spent per step."""
 
     points: np.ndarray
     confidence: np.ndarray
     fps: float
     scale: np.ndarray
+    variance: np.ndarray | None = None
+    member_points: np.ndarray | None = None
+    member_confidence: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -46,7 +49,9 @@ class VideoPredictions:
 
 
 def check_videos(videos: Sequence[Path], view_names: Sequence[str], session: str) -> None:
-    """Video i must be `<session>_<view i>.<ext>`: views are matched by name, not position."""
+    """Video i must be `<session>_<view i>.<ext>`: views are matched by name, not position
+    (the longest view name ending the stem; ambiguous view names are refused)."""
+    check_view_names(view_names)
     if len(videos) != len(view_names):
         raise ParallaxError(f"session '{session}': {len(videos)} video(s) for "
                             f"{len(view_names)} views {list(view_names)}")
@@ -67,11 +72,15 @@ def check_calibration(group: CameraGroup, path: Path, infos: Sequence[VideoInfo]
                                 f"{info.width}x{info.height}")
 
 
-def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: int = 8,
+def predict_session(model: LoadedModel | Ensemble, videos: Sequence[Path], *,
+                    batch_size: int = 8,
                     infos: Sequence[VideoInfo] | None = None,
                     labeled: FrameSink | None = None,
                     progress: str = "") -> VideoPredictions:
-    """Run the model over synchronised videos (in the model's view order), batch by batch."""
+    """Run the model (every member of an ensemble) over synchronised videos (in the model's
+    view order), batch by batch; each frame is decoded once."""
+    ensemble = model if isinstance(model, Ensemble) else Ensemble((model,), (model.name,))
+    loaded = ensemble.first
     infos = list(infos) if infos is not None else check_synchronised(videos)
     timings = dict.fromkeys(("decode", "prepare", "model", "draw"), 0.0)
     points, confidence = [], []
@@ -96,22 +105,25 @@ def predict_session(loaded: LoadedModel, videos: Sequence[Path], *, batch_size: 
             scale = frame_scale(frame_from_model[0])  # the same for every frame of a video
             timings["prepare"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            xy, conf = predict(loaded, images, frame_from_model)  # (b, V, K, 2), (b, V, K)
+            member_xy, member_conf = predict_members(ensemble, images, frame_from_model)
+            xy, conf, _ = combine(member_xy, member_conf)  # (b, V, K, 2), (b, V, K)
             timings["model"] += time.perf_counter() - tic
             if labeled is not None:
                 tic = time.perf_counter()
                 labeled.write(frames, xy, conf)
                 timings["draw"] += time.perf_counter() - tic
-            points.append(xy)
-            confidence.append(conf)
+            points.append(member_xy)  # (M, b, V, K, 2)
+            confidence.append(member_conf)
             bar.update(len(images))
             del item, frames, prepared  # hold at most one batch of frames
     finally:
         bar.close()
         batches.close()
-    v, k = len(loaded.view_names), len(loaded.keypoint_names)
-    all_xy = np.concatenate(points) if points else np.zeros((0, v, k, 2))
-    all_conf = np.concatenate(confidence) if confidence else np.zeros((0, v, k))
-    return VideoPredictions(points=all_xy.transpose(1, 0, 2, 3),
-                            confidence=all_conf.swapaxes(0, 1), fps=infos[0].fps,
-                            scale=scale, timings=timings)
+    m, v, k = len(ensemble), len(loaded.view_names), len(loaded.keypoint_names)
+    all_xy = np.concatenate(points, 1) if points else np.zeros((m, 0, v, k, 2))
+    all_conf = np.concatenate(confidence, 1) if confidence else np.zeros((m, 0, v, k))
+    member_xy, member_conf = all_xy.swapaxes(1, 2), all_conf.swapaxes(1, 2)  # (M, V, N, ...)
+    mean, conf, variance = combine(member_xy, member_conf)
+    return VideoPredictions(points=mean, confidence=conf, fps=infos[0].fps, scale=scale,
+                            variance=variance, member_points=member_xy,
+                            member_confidence=member_conf, timings=timings)

@@ -3,7 +3,8 @@
 Reading (:func:`read_label_csv`) accepts
   - a path index (first column) or DLC's newer split index (leading columns such as
     `labeled-data, <video>, <file>`, recognised by their empty header cells, joined with '/');
-  - coords `x, y` per keypoint, optionally `visible` (LP, 0/1/2) and/or `likelihood` (predictions);
+  - coords `x, y` per keypoint, optionally `visible` (LP, 0/1/2) and/or `likelihood` (predictions)
+    and `x_var, y_var` (an ensemble's variance of predictions, px²);
   - empty cells as missing (NaN);
   - trailing plain columns (e.g. LP's `set`), whose header cells are `(name, "", "")` as pandas
     writes them, `(name, name, name)`, or pandas' `Unnamed: ...` placeholders; read as strings.
@@ -26,7 +27,7 @@ from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import ParallaxError
 
 HEADER_ROWS = ("scorer", "bodyparts", "coords")
-COORDS = ("x", "y", "visible", "likelihood")
+COORDS = ("x", "y", "visible", "likelihood", "x_var", "y_var")
 _UNNAMED = re.compile(r"^Unnamed: \d+(_level_\d+)?$")  # pandas' placeholder for empty headers
 
 
@@ -38,6 +39,8 @@ class LabelTable:
     points: (rows, keypoints, 2) float64, NaN where missing
     visible: (rows, keypoints) float64 (0/1/2, NaN where missing), None without a `visible` coord
     likelihood: (rows, keypoints) float64, None without a `likelihood` coord (unused for labels)
+    variance: (rows, keypoints, 2) float64 px², the `x_var`, `y_var` coords of an ensemble's
+    predictions, None without them
     extra_columns: trailing plain columns by name, one string per row ("" for an empty cell)
     lines: the 1-based CSV line number of each row (for error messages)
     """
@@ -48,6 +51,7 @@ class LabelTable:
     points: np.ndarray
     visible: np.ndarray | None = None
     likelihood: np.ndarray | None = None
+    variance: np.ndarray | None = None
     extra_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lines: tuple[int, ...] = ()
 
@@ -146,7 +150,7 @@ def _parse_columns(path: Path, header: list[list[str]], n_index: int):
                                 f"has only {have}")
     if not keypoints:
         raise ParallaxError(f"{path}: no keypoint x/y columns in the header")
-    for coord in ("visible", "likelihood"):
+    for coord in ("visible", "likelihood", "x_var", "y_var"):
         with_coord = [k for k, cols in keypoints.items() if coord in cols]
         if with_coord and len(with_coord) != len(keypoints):
             lacking = next(k for k in keypoints if coord not in keypoints[k])
@@ -154,6 +158,10 @@ def _parse_columns(path: Path, header: list[list[str]], n_index: int):
                 f"{path}: keypoint '{with_coord[0]}' has a '{coord}' column but '{lacking}' "
                 f"does not; give every keypoint the same coords"
             )
+    first = keypoints[next(iter(keypoints))]
+    if ("x_var" in first) != ("y_var" in first):
+        raise ParallaxError(f"{path}: x_var and y_var come together (an ensemble's variance); "
+                            "found only one of them")
     return keypoints, plain
 
 
@@ -232,6 +240,8 @@ def read_label_csv(path: str | Path) -> LabelTable:
         points=points,
         visible=visible,
         likelihood=gather("likelihood") if "likelihood" in keypoints[names[0]] else None,
+        variance=(np.stack([gather("x_var"), gather("y_var")], axis=-1)
+                  if {"x_var", "y_var"} <= set(keypoints[names[0]]) else None),
         extra_columns=extra_columns,
         lines=tuple(line for line, _ in data),
     )

@@ -24,26 +24,37 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import ParallaxError
-from pipeline.io.labels_csv import read_label_csv, write_label_csv
+from pipeline.io.labels_csv import LabelTable, read_label_csv, write_label_csv
 
 POSE_3D_FIELDS = ("x", "y", "z", "error", "ncams", "score")
 
 
 def write_predictions_2d(path: str | Path, index: Sequence, keypoint_names: Sequence[str],
                          points: np.ndarray, confidence: np.ndarray, scorer: str,
-                         sets: Sequence[str] | None = None) -> None:
-    """One view's predictions: points (N, K, 2) frame px, confidence (N, K) in [0, 1]."""
+                         sets: Sequence[str] | None = None,
+                         variance: np.ndarray | None = None) -> None:
+    """One view's predictions: points (N, K, 2) frame px, confidence (N, K) in [0, 1] and, for
+    an ensemble, the members' variance (N, K, 2) px² (coords x_var, y_var)."""
+    extra = {"likelihood": np.asarray(confidence, float)}
+    if variance is not None:
+        extra.update(x_var=np.asarray(variance)[..., 0], y_var=np.asarray(variance)[..., 1])
     write_label_csv(path, [str(i) for i in index], list(keypoint_names), points,
-                    scorer=scorer, extra={"likelihood": np.asarray(confidence, float)},
+                    scorer=scorer, extra=extra,
                     extra_columns=None if sets is None else {"set": list(sets)})
+
+
+def read_predictions_table(path: str | Path) -> LabelTable:
+    """A predictions CSV (its `likelihood` checked), with the variance if it has one."""
+    table = read_label_csv(path)
+    if table.likelihood is None:
+        raise ParallaxError(f"{path}: a predictions CSV needs a 'likelihood' coord per keypoint")
+    return table
 
 
 def read_predictions_2d(path: str | Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray,
                                                    np.ndarray | None]:
     """(index, keypoint_names, points (N, K, 2), confidence (N, K), sets (N,) or None)."""
-    table = read_label_csv(path)
-    if table.likelihood is None:
-        raise ParallaxError(f"{path}: a predictions CSV needs a 'likelihood' coord per keypoint")
+    table = read_predictions_table(path)
     sets = table.extra_columns.get("set")
     return (list(table.index), list(table.keypoint_names), table.points, table.likelihood,
             None if sets is None else np.asarray(sets, dtype=object))

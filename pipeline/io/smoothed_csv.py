@@ -22,9 +22,7 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import ParallaxError
-from pipeline.io.predictions_csv import pose_3d_table
-
-PREDICTION_COORDS = ("x", "y", "likelihood", "x_var", "y_var")
+from pipeline.io.predictions_csv import pose_3d_table, read_predictions_table
 
 
 @dataclass(frozen=True)
@@ -41,59 +39,12 @@ class ViewPredictions:
 
 
 def read_view_predictions(path: str | Path) -> ViewPredictions:
-    """Read one view's predictions CSV; every problem is a ParallaxError naming the file."""
-    path = Path(path)
-    try:
-        table = pd.read_csv(path, header=[0, 1, 2], index_col=0, dtype=str,
-                            keep_default_na=False)
-    except FileNotFoundError:
-        raise ParallaxError(f"{path}: predictions CSV not found") from None
-    except IsADirectoryError:
-        raise ParallaxError(f"{path}: is a directory, expected a predictions CSV") from None
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        text = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ParallaxError(f"{path}: cannot read predictions CSV: {text}") from None
-    if [str(n).strip() for n in table.columns.names] != ["scorer", "bodyparts", "coords"]:
-        raise ParallaxError(f"{path}: expected 3 header rows starting 'scorer', 'bodyparts', "
-                            f"'coords' (DLC layout), found {list(table.columns.names)}")
-    columns: dict[str, dict[str, int]] = {}
-    for col, (_, bodypart, coord) in enumerate(table.columns):
-        bodypart, coord = str(bodypart).strip(), str(coord).strip()
-        if coord.startswith("Unnamed") or not coord:
-            continue  # a plain trailing column (e.g. `set`)
-        if coord not in PREDICTION_COORDS or bodypart.startswith("Unnamed"):
-            raise ParallaxError(f"{path}: column {col + 2} ({bodypart!r}, {coord!r}): expected "
-                                f"a keypoint's {', '.join(PREDICTION_COORDS)}")
-        if coord in columns.setdefault(bodypart, {}):
-            raise ParallaxError(f"{path}: keypoint '{bodypart}' has two '{coord}' columns")
-        columns[bodypart][coord] = col
-    if not columns:
-        raise ParallaxError(f"{path}: no keypoint columns in the header")
-    for coords in (("x", "y", "likelihood"), ("x_var", "y_var")):
-        have = [k for k, c in columns.items() if all(x in c for x in coords)]
-        if coords[0] == "x" and len(have) < len(columns) or 0 < len(have) < len(columns):
-            lacking = next(k for k in columns if k not in have)
-            raise ParallaxError(f"{path}: keypoint '{lacking}' lacks a {' / '.join(coords)} "
-                                f"column (every keypoint needs {', '.join(coords[:3])}"
-                                f"{'' if coords[0] == 'x' else ' or none does'})")
-    with_var = all("x_var" in c for c in columns.values())
-
-    def numbers(coord: str) -> np.ndarray:
-        cells = table.iloc[:, [c[coord] for c in columns.values()]]
-        values = cells.apply(lambda s: pd.to_numeric(s.str.strip(), errors="coerce"))
-        bad = (values.isna() & (cells.apply(lambda s: s.str.strip()) != "")).to_numpy()
-        bad |= np.isinf(values.to_numpy(float))
-        if bad.any():
-            row, k = np.argwhere(bad)[0]
-            raise ParallaxError(f"{path}: line {row + 4}, keypoint '{list(columns)[k]}' "
-                                f"{coord}: '{cells.iat[row, k]}' is not a finite number")
-        return values.to_numpy(float)
-
-    points = np.stack([numbers("x"), numbers("y")], -1)
-    variance = np.stack([numbers("x_var"), numbers("y_var")], -1) if with_var else None
-    return ViewPredictions(path=path, index=tuple(str(i) for i in table.index),
-                           keypoint_names=tuple(columns), points=points,
-                           confidence=numbers("likelihood"), variance=variance)
+    """Read one view's predictions CSV (`predictions_csv.read_predictions_table`); every
+    problem is a ParallaxError naming the file."""
+    table = read_predictions_table(path)
+    return ViewPredictions(path=table.path, index=table.index,
+                           keypoint_names=table.keypoint_names, points=table.points,
+                           confidence=table.likelihood, variance=table.variance)
 
 
 def smoothed_pose_3d_table(keypoint_names: Sequence[str], points_3d: np.ndarray,

@@ -1,8 +1,9 @@
 """Synchronised multi-view video reading: find a session's videos, probe, check, stream.
 
 Naming: one file per session and view, `<session>_<view>.<ext>` (Lightning Pose's convention),
-e.g. `session0_back.mp4`. A view name is matched as a suffix of the file stem; when several view
-names match (`top` and `side_top`), the longest one wins.
+e.g. `session0_back.mp4` or `day_1_cam_A.mp4` (views `cam_A`, `cam_B`). A file is resolved by the
+known view names (`pipeline.core.views`: the longest `_<view>` ending the stem), never by
+splitting at `_`; view names that make this ambiguous (`a` and `b_a`) are rejected.
 
 Frame counts. The count a container reports (`CAP_PROP_FRAME_COUNT`) is an estimate: it can be
 wrong for variable-frame-rate files, damaged indexes or truncated uploads. What we trust is the
@@ -29,6 +30,7 @@ import cv2
 import numpy as np
 
 from pipeline.core.errors import ParallaxError
+from pipeline.core.views import check_view_names, split_view
 
 log = logging.getLogger("parallax.video_io")
 
@@ -47,12 +49,7 @@ class VideoInfo:
 
 def split_name(path: Path, view_names: Sequence[str]) -> tuple[str, str] | None:
     """(session, view) for `<session>_<view>.<ext>`, longest matching view; None if none."""
-    stem = path.stem
-    matches = [v for v in view_names if stem.endswith(f"_{v}") and len(stem) > len(v) + 1]
-    if not matches:
-        return None
-    view = max(matches, key=len)
-    return stem[: -len(view) - 1], view
+    return split_view(Path(path).stem, view_names)
 
 
 def find_sessions(video_dir: str | Path, view_names: Sequence[str],
@@ -63,6 +60,7 @@ def find_sessions(video_dir: str | Path, view_names: Sequence[str],
     missing, or with two files for one view (`s_top.mp4` and `s_top.avi`), is a ParallaxError.
     """
     video_dir = Path(video_dir)
+    check_view_names(view_names)
     if not video_dir.is_dir():
         raise ParallaxError(f"{video_dir}: video folder not found")
     files = sorted(p for p in video_dir.iterdir()

@@ -5,7 +5,9 @@ Reads the dataset, its calibrations and `labels_3d.csv` (triangulate_labels); wr
 `eval.h5` (validation + test frames, resized only) and a PNG of augmented samples. All outputs
 appear together or not at all. Every result-affecting setting comes in `--config-json`, a JSON
 object with the keys listed in CACHE_KEYS (the rule passes exactly these config values, and
-the caches record their hash).
+the caches record their hash). The caches' `input_hash` is `<images digest>.<other inputs
+digest>` (`pipeline.core.hashing.images_digest` of the labelled images, then the label CSVs,
+bbox CSVs, calibrations and labels_3d.csv), so a replaced or edited image is detected.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_paths, writing
-from pipeline.core.cli import add_dataset_args, setup_logging
+from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import ParallaxError, run_main
-from pipeline.core.hashing import config_hash, files_hash
+from pipeline.core.hashing import config_hash, files_hash, images_digest
 from pipeline.data.cache.build import NOT_AUGMENTED, build_cache
 from pipeline.data.cache.settings import CACHE_KEYS, check_config, check_number, spec_from_config
 from pipeline.data.project import MultiviewLabels, frame_keys, load_dataset
@@ -35,8 +37,8 @@ log = logging.getLogger("parallax.cache_augmentations")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.cache_augmentations",
-                                     description=__doc__.splitlines()[0])
+    parser = StageParser(prog="python -m pipeline.stages.cache_augmentations",
+                         description=__doc__.splitlines()[0])
     add_dataset_args(parser)
     parser.add_argument("--labels-3d", type=Path, required=True,
                         help="labels_3d.csv from triangulate_labels")
@@ -49,14 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def input_files(args: argparse.Namespace, labels: MultiviewLabels, calibrations) -> list[Path]:
-    """Every file whose bytes shape the cache (for the input hash)."""
-    files = [labels.data_dir / p for p in labels.image_paths.ravel()]
-    files += [args.data_dir / f for f in args.csv_files]
+def input_files(args: argparse.Namespace, calibrations) -> list[Path]:
+    """Every file but the images whose bytes shape the cache (for the input hash)."""
+    files = [args.data_dir / f for f in args.csv_files]
     files += [args.data_dir / f for f in (args.bbox_files or [])]
     if args.camera_params_file:
         files.append(args.data_dir / args.camera_params_file)
     return [*files, *map(Path, calibrations), args.labels_3d]
+
+
+def input_hash(args: argparse.Namespace, labels: MultiviewLabels, calibrations) -> str:
+    """`<images digest>.<other inputs digest>`: the first part is `images_digest` of the
+    labelled images, which the workflow computes too and the trainer checks (a replaced or
+    edited image makes the cache stale); the whole string goes into the resume hash."""
+    images = images_digest(labels.data_dir, labels.image_paths.ravel())
+    return f"{images}.{files_hash(input_files(args, calibrations), args.data_dir)}"
 
 
 def _body(argv: Sequence[str] | None) -> None:
@@ -78,7 +87,7 @@ def _body(argv: Sequence[str] | None) -> None:
     sets = splits["set"].to_numpy(dtype=object)
     log.info("split: %s", {name: int((sets == name).sum()) for name in ("train", "val", "test")})
     hashes = {"config_hash": config_hash(config),
-              "input_hash": files_hash(input_files(args, labels, groups), args.data_dir)}
+              "input_hash": input_hash(args, labels, groups)}
     with atomic_paths(args.splits, args.train, args.eval, args.picture) as tmp:
         with writing(args.splits):
             splits.to_csv(tmp[0], index=False)

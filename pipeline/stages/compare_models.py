@@ -13,14 +13,13 @@ the test set is empty); `--set` picks one set for all models.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import setup_logging
+from pipeline.core.cli import StageParser, setup_logging
 from pipeline.core.errors import run_main
 from pipeline.evaluation import plots
 from pipeline.evaluation.comparison import (
@@ -39,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = StageParser(description=__doc__.split("\n")[0])
     parser.add_argument("--metrics", nargs="+", required=True, help="name=path/metrics.json")
     parser.add_argument("--out-csv", type=Path, required=True)
     parser.add_argument("--out-png", type=Path, required=True)

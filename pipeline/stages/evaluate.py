@@ -24,7 +24,6 @@ PNGs in FIGURES. Figures use the test frames (the validation frames if there are
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import add_dataset_args, setup_logging
+from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import ParallaxError, run_main
 from pipeline.data.project import load_dataset
 from pipeline.evaluation import metrics as M
@@ -111,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = StageParser(description=__doc__.split("\n")[0])
     parser.add_argument("--predictions-dir", type=Path, required=True)
     add_dataset_args(parser)
     parser.add_argument("--labels-3d", type=Path, required=True)

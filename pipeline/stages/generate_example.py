@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.cli import setup_logging
+from pipeline.core.cli import StageParser, setup_logging
 from pipeline.core.errors import run_main
 from pipeline.synthetic.generate import generate_example
 from pipeline.synthetic.scene import OCCLUSION
@@ -35,8 +35,8 @@ log = logging.getLogger("parallax.example")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.generate_example",
-                                     description="Write the synthetic example dataset.")
+    parser = StageParser(prog="python -m pipeline.stages.generate_example",
+                         description="Write the synthetic example dataset.")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder (replaced)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sessions", type=int, default=2)

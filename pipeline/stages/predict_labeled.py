@@ -38,13 +38,14 @@ import pandas as pd
 import torch
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import add_dataset_args, setup_logging
+from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import ParallaxError, run_main
 from pipeline.data.project import frame_keys, load_dataset
 from pipeline.data.splits import read_splits
 from pipeline.data.tables import read_points_3d
 from pipeline.data.triangulate import load_calibrations
 from pipeline.inference.consensus import ConsensusSettings
+from pipeline.inference.ensemble import Ensemble, load_ensemble
 from pipeline.inference.labeled import (
     consensus_all,
     dropout_frames,
@@ -54,20 +55,21 @@ from pipeline.inference.labeled import (
     pixel_errors,
     predict_frames,
 )
-from pipeline.inference.predictor import (
-    load_model,
-)
 from pipeline.io.predictions_csv import write_pixel_error, write_pose_3d, write_predictions_2d
 
 log = logging.getLogger("parallax.predict_labeled")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.predict_labeled",
-                                     description=__doc__.splitlines()[0])
+    parser = StageParser(prog="python -m pipeline.stages.predict_labeled",
+                         description=__doc__.splitlines()[0])
     add_dataset_args(parser)
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="results/models/<model>/best.pt (the folder name is the scorer)")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="results/models/<model>/best.pt, or every ensemble member's "
+                             "results/models/<model>/members/<member>/best.pt")
+    parser.add_argument("--members-dir", type=Path, default=None,
+                        help="for an ensemble: each member's raw predictions go to "
+                             "<members-dir>/<member>/predictions_<view>.csv")
     parser.add_argument("--splits", type=Path, required=True, help="results/cache/splits.csv")
     parser.add_argument("--labels-3d", type=Path, required=True,
                         help="results/triangulation/labels_3d.csv (ground-truth 3D)")
@@ -92,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 PER_VIEW = ("", "_pixel_error", "_raw", "_raw_pixel_error")
 
 
+def member_paths(members_dir: Path | None, ensemble: Ensemble,
+                 view_names: Sequence[str]) -> list[Path]:
+    """Each member's raw predictions (an ensemble of one writes none)."""
+    if members_dir is None or len(ensemble) < 2:
+        return []
+    return [members_dir / name / f"predictions_{v}.csv" for name in ensemble.names
+            for v in view_names]
+
+
 def output_paths(out_dir: Path, view_names: Sequence[str]) -> list[Path]:
     """Every output, in the order `_body` writes them."""
     per_view = [out_dir / f"predictions_{v}{suffix}.csv" for v in view_names
@@ -110,8 +121,9 @@ def _body(argv: Sequence[str] | None) -> None:
     settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     labels = load_dataset(args)
-    loaded = load_model(args.checkpoint, args.device, view_names=labels.view_names,
-                        keypoint_names=labels.keypoint_names)
+    ensemble = load_ensemble(args.checkpoint, args.device, view_names=labels.view_names,
+                             keypoint_names=labels.keypoint_names)
+    loaded = ensemble.first
     keys = frame_keys(labels)
     sets = read_splits(args.splits, keys)
     truth = read_points_3d(args.labels_3d, labels)
@@ -122,7 +134,10 @@ def _body(argv: Sequence[str] | None) -> None:
              "frames%s", loaded.name, loaded.model_type, *loaded.image_size, loaded.device,
              labels.n_frames, labels.n_views, int(dropout.sum()), dropout_set,
              "" if view_dropout else " (off)")
-    pred = predict_frames(loaded, labels, dropout, args.batch_size, args.threads, view_dropout)
+    if len(ensemble) > 1:
+        log.info("ensemble of %d members: %s", len(ensemble), ", ".join(ensemble.names))
+    pred = predict_frames(ensemble, labels, dropout, args.batch_size, args.threads,
+                          view_dropout)
     tri = consensus_all(labels, pred.points, pred.confidence, pred.scale, settings)
     points = tri["final"]
     errors = pixel_errors(points, labels.points_2d)  # (V, N, K)
@@ -173,20 +188,30 @@ def _body(argv: Sequence[str] | None) -> None:
                  nan_median(np.delete(drop_errors[0], b - 1, axis=0)))
     paths = output_paths(args.out_dir, labels.view_names)
     n_files = len(PER_VIEW)
-    with atomic_paths(*paths) as tmp:
+    members = member_paths(args.members_dir, ensemble, labels.view_names)
+    if args.members_dir is not None:
+        args.members_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(*paths, *members) as tmp:
         for v in range(labels.n_views):
             index = list(labels.image_paths[v])
             for i, (xy, err) in enumerate(((points[v], errors[v]),
                                            (pred.points[v], raw_errors[v]))):
                 write_predictions_2d(tmp[n_files * v + 2 * i], index, labels.keypoint_names, xy,
-                                     pred.confidence[v], loaded.name, sets)
+                                     pred.confidence[v], loaded.name, sets,
+                                     variance=pred.variance[v] if i and pred.variance is not None
+                                     else None)
                 write_pixel_error(tmp[n_files * v + 2 * i + 1], index, labels.keypoint_names,
                                   err, sets)
-        write_pose_3d(tmp[-3], labels.keypoint_names, tri["points_3d"], tri["error"],
+        for i, path in enumerate(tmp[len(paths):]):
+            m, v = divmod(i, labels.n_views)
+            write_predictions_2d(path, list(labels.image_paths[v]), labels.keypoint_names,
+                                 pred.member_points[m, v], pred.member_confidence[m, v],
+                                 loaded.name, sets)
+        write_pose_3d(tmp[len(paths) - 3], labels.keypoint_names, tri["points_3d"], tri["error"],
                       tri["n_views"], tri["score"], {"frame": list(labels.image_paths[0]),
                                                       "set": sets})
-        error_3d.to_csv(tmp[-2], index=False)
-        drop_table.to_csv(tmp[-1], index=False)
+        error_3d.to_csv(tmp[len(paths) - 2], index=False)
+        drop_table.to_csv(tmp[len(paths) - 1], index=False)
     log.info("wrote %d files to %s", len(paths), args.out_dir)
 
 

@@ -35,13 +35,14 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import setup_logging
+from pipeline.core.cli import StageParser, setup_logging
 from pipeline.core.errors import ParallaxError, run_main
 from pipeline.evaluation import plots
 from pipeline.evaluation.drawing import LabeledVideoWriter, parse_skeleton
 from pipeline.geometry.cameras import CameraGroup
 from pipeline.inference.consensus import ConsensusSettings, consensus
-from pipeline.inference.predictor import LoadedModel, load_model
+from pipeline.inference.ensemble import load_ensemble
+from pipeline.inference.predictor import LoadedModel
 from pipeline.inference.video import (
     VideoPredictions,
     check_calibration,
@@ -56,8 +57,11 @@ log = logging.getLogger("parallax.predict_video")
 
 
 def output_paths(out_dir: Path, session: str, view_names: Sequence[str], *, with_3d: bool,
-                 labeled: bool) -> dict[str, Path]:
-    """Every output of one session, keyed `2d:<view>`, `traces`, `3d`, `labeled:<view>`."""
+                 labeled: bool, members: Sequence[str] = (),
+                 members_dir: Path | None = None) -> dict[str, Path]:
+    """Every output of one session, keyed `2d:<view>`, `traces`, `3d`, `raw:<view>`,
+    `labeled:<view>` and, for an ensemble with `members_dir`, `member:<member>:<view>`
+    (<members_dir>/<member>/<session>_<view>.csv)."""
     paths = {f"2d:{v}": out_dir / f"{session}_{v}.csv" for v in view_names}
     paths["traces"] = out_dir / f"{session}_trajectories.png"
     if with_3d:
@@ -66,6 +70,9 @@ def output_paths(out_dir: Path, session: str, view_names: Sequence[str], *, with
     if labeled:
         paths.update({f"labeled:{v}": out_dir / f"{session}_{v}_labeled.mp4"
                       for v in view_names})
+    if len(members) > 1 and members_dir is not None:
+        paths.update({f"member:{m}:{v}": members_dir / m / f"{session}_{v}.csv"
+                      for m in members for v in view_names})
     return paths
 
 
@@ -94,7 +101,15 @@ def write_outputs(paths: dict[str, Path], loaded: LoadedModel, result: VideoPred
                              final[v], result.confidence[v], scorer=loaded.name)
         if group is not None:
             write_predictions_2d(paths[f"raw:{view}"], index, loaded.keypoint_names,
-                                 result.points[v], result.confidence[v], scorer=loaded.name)
+                                 result.points[v], result.confidence[v], scorer=loaded.name,
+                                 variance=None if result.variance is None
+                                 else result.variance[v])
+    members = [key.split(":")[1] for key in paths if key.startswith("member:")]
+    for m, member in enumerate(dict.fromkeys(members)):
+        for v, view in enumerate(loaded.view_names):
+            write_predictions_2d(paths[f"member:{member}:{view}"], index, loaded.keypoint_names,
+                                 result.member_points[m, v], result.member_confidence[m, v],
+                                 scorer=loaded.name)
     if group is not None:
         write_pose_3d(paths["3d"], loaded.keypoint_names, tri.points_3d, tri.mean_error,
                       tri.n_views, tri.score)
@@ -106,12 +121,16 @@ def write_outputs(paths: dict[str, Path], loaded: LoadedModel, result: VideoPred
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.predict_video",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="results/models/<model>/best.pt")
+    parser = StageParser(prog="python -m pipeline.stages.predict_video",
+                         description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                        help="results/models/<model>/best.pt, or every ensemble member's "
+                             "results/models/<model>/members/<member>/best.pt")
     parser.add_argument("--videos", type=Path, nargs="+", required=True,
                         help="the session's videos, one per view, in view order")
+    parser.add_argument("--members-dir", type=Path, default=None,
+                        help="for an ensemble: each member's predictions go to "
+                             "<members-dir>/<member>/<session>_<view>.csv")
     parser.add_argument("--view-names", nargs="+", required=True, help="data.view_names")
     parser.add_argument("--session", required=True, help="session name (videos' prefix)")
     parser.add_argument("--calibration", type=Path, default=None,
@@ -156,10 +175,14 @@ def _body(argv: Sequence[str] | None) -> None:
     infos = check_synchronised(args.videos)
     if group is not None:
         check_calibration(group, args.calibration, infos, args.videos)
-    loaded = load_model(args.checkpoint, args.device, view_names=args.view_names)
+    ensemble = load_ensemble(args.checkpoint, args.device, view_names=args.view_names)
+    loaded = ensemble.first
     edges = parse_skeleton(args.skeleton, loaded.keypoint_names)
     paths = output_paths(args.out_dir, args.session, loaded.view_names,
-                         with_3d=group is not None, labeled=args.labeled_video)
+                         with_3d=group is not None, labeled=args.labeled_video,
+                         members=ensemble.names, members_dir=args.members_dir)
+    if args.members_dir is not None:
+        args.members_dir.mkdir(parents=True, exist_ok=True)
     log.info("session %s: %d views x %d frames (%s) at %.2f fps, model %s (%s, %dx%d) on %s",
              args.session, len(infos), infos[0].frame_count,
              ", ".join(f"{i.width}x{i.height}" for i in infos), infos[0].fps, loaded.name,
@@ -173,7 +196,7 @@ def _body(argv: Sequence[str] | None) -> None:
                                          [(i.width, i.height) for i in infos], infos[0].fps,
                                          edges, args.min_confidence)
         try:
-            result = predict_session(loaded, args.videos, batch_size=args.batch_size,
+            result = predict_session(ensemble, args.videos, batch_size=args.batch_size,
                                      infos=infos, labeled=labeled, progress=args.session)
         finally:
             if labeled is not None:

@@ -44,7 +44,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pipeline.core.atomic import atomic_paths  # noqa: E402
-from pipeline.core.cli import setup_logging  # noqa: E402
+from pipeline.core.cli import StageParser, setup_logging  # noqa: E402
 from pipeline.core.errors import ParallaxError, run_main  # noqa: E402
 from pipeline.evaluation.drawing import parse_skeleton  # noqa: E402
 from pipeline.inference.smoothing import (  # noqa: E402
@@ -138,8 +138,8 @@ def draw_figure(path: Path, result: SmoothedSession, keypoint_names: Sequence[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.smooth_video",
-                                     description=__doc__.splitlines()[0])
+    parser = StageParser(prog="python -m pipeline.stages.smooth_video",
+                         description=__doc__.splitlines()[0])
     parser.add_argument("--predictions", type=Path, nargs="+", required=True,
                         help="the session's per-view prediction CSVs, in view order")
     parser.add_argument("--view-names", nargs="+", required=True, help="data.view_names")

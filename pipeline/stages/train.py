@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from pipeline.core.atomic import atomic_path
-from pipeline.core.cli import setup_logging
+from pipeline.core.cli import StageParser, setup_logging
 from pipeline.core.errors import ParallaxError, run_main
 from pipeline.core.hashing import config_hash
 from pipeline.training.config import TrainConfig
@@ -37,14 +37,17 @@ log = logging.getLogger("parallax.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.train",
-                                     description=__doc__.splitlines()[0])
+    parser = StageParser(prog="python -m pipeline.stages.train",
+                         description=__doc__.splitlines()[0])
     parser.add_argument("--train-h5", type=Path, required=True, help="results/cache/train.h5")
     parser.add_argument("--eval-h5", type=Path, required=True, help="results/cache/eval.h5")
     parser.add_argument("--config-json", required=True,
                         help="JSON with the model, data, training and losses sections")
     parser.add_argument("--cache-config-json", default=None,
                         help="the JSON the cache was built with (its hash is checked)")
+    parser.add_argument("--images-hash", default=None,
+                        help="digest of the labelled images (pipeline.core.hashing."
+                             "images_digest): a cache built from other images is refused")
     parser.add_argument("--out-dir", type=Path, required=True,
                         help="results/models/<name>/ (best.pt, last.pt, metrics.csv, config.yaml)")
     parser.add_argument("--threads", type=int, default=1,
@@ -72,7 +75,7 @@ def _body(argv: Sequence[str] | None) -> None:
     expected = config_hash(cache_config) if cache_config is not None else None
     try:
         trainer = Trainer(cfg, args.train_h5, args.eval_h5, args.out_dir, expected, ctx=ctx,
-                          threads=threads)
+                          threads=threads, expected_images_hash=args.images_hash or None)
         log.info("device %s, %d process(es), %d training samples, global batch %d, "
                  "%d steps/epoch, %d steps, precision %s, %d data workers per process",
                  trainer.device, ctx.world_size, len(trainer.train_set), cfg.train_batch_size,

@@ -3,7 +3,9 @@
 Writes an anipose pose-3d-like CSV (one row per frame; per keypoint x, y, z, error, ncams), a
 CSV of labels whose reprojection error exceeds a threshold (worst first) and a summary JSON
 with median reprojection error per view and per keypoint. A keypoint labelled in fewer than
-`min_views` views keeps empty 3D; such cases are counted, never dropped silently.
+`min_views` views keeps empty 3D; such cases are counted, never dropped silently. Labels outside
+their image are counted with an example CSV line (log and summary.json); those further out than
+one image size are left out of the 3D.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_paths, write_json
-from pipeline.core.cli import add_dataset_args, setup_logging
+from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import run_main
 from pipeline.data.project import load_dataset
 from pipeline.data.triangulate import (
+    check_min_views,
     load_calibrations,
     outliers_table,
     points_table,
@@ -30,8 +33,8 @@ log = logging.getLogger("parallax.triangulate_labels")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.triangulate_labels",
-                                     description=__doc__.splitlines()[0])
+    parser = StageParser(prog="python -m pipeline.stages.triangulate_labels",
+                         description=__doc__.splitlines()[0])
     add_dataset_args(parser)
     parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
     parser.add_argument("--outlier-threshold-px", type=float, default=10.0,
@@ -45,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    check_min_views(args.min_views, args.view_names)
     labels = load_dataset(args)
     tri = triangulate_labels(labels, load_calibrations(labels), min_views=args.min_views)
     outliers = outliers_table(labels, tri, args.outlier_threshold_px)
@@ -57,6 +61,11 @@ def _body(argv: Sequence[str] | None) -> None:
         float("nan") if summary["median_reprojection_px"] is None
         else summary["median_reprojection_px"],
     )
+    outside = summary["labels_outside_image"]
+    if outside["count"]:
+        log.warning("%d labels lie outside their image (%d further out than one image size, "
+                    "left out of the 3D), e.g. %s", outside["count"], outside["left_out_of_3d"],
+                    outside["example"])
     with atomic_paths(args.points, args.outliers, args.summary) as (points, out, summ):
         points_table(labels, tri).to_csv(points, index=False)
         outliers.to_csv(out, index=False)

@@ -104,7 +104,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, train_h5: Path, eval_h5: Path, out_dir: Path,
                  expected_config_hash: str | None = None, ctx: DistContext | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, expected_images_hash: str | None = None) -> None:
         self.cfg, self.out_dir = cfg, Path(out_dir)
         self.ctx = ctx = ctx or DistContext()
         self.device = rank_device(ctx, cfg.device) if ctx.enabled else pick_device(cfg.device)
@@ -115,9 +115,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.train_set = CacheDataset(train_h5, expected_config_hash=expected_config_hash,
                                       photometric=from_imgaug(cfg.imgaug), seed=cfg.seed,
-                                      normalize=False)
+                                      normalize=False, expected_images_hash=expected_images_hash)
         self.val_set = CacheDataset(eval_h5, expected_config_hash=expected_config_hash,
-                                    sets=("val",), normalize=False)
+                                    sets=("val",), normalize=False,
+                                    expected_images_hash=expected_images_hash)
         if len(self.train_set) == 0:
             raise ParallaxError(f"{train_h5}: no training samples")
         calibrated = bool(self.train_set.meta["calibration_index"].min() >= 0)
@@ -335,7 +336,10 @@ class Trainer:
             for shard, batch in self.batches(epoch, skip):
                 data_time = time.perf_counter() - tick
                 batch = to_device(batch, self.device)
-                ratio = mask_ratio(self.step, self.steps_per_epoch, cfg.patch_mask)
+                # patch masking applies to the multi-view transformer only: 0 is what the
+                # single-view model sees, and what metrics.csv then says
+                ratio = mask_ratio(self.step, self.steps_per_epoch, cfg.patch_mask) \
+                    if self.net.model_type == "heatmap_multiview_transformer" else 0.0
                 anneal = cfg.anneal_weight(self.step / self.steps_per_epoch)
                 terms = self._train_step(shard, batch, ratio, anneal)
                 self.step += 1

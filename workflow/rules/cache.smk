@@ -22,6 +22,9 @@ rule cache_augmentations:
     params:
         dataset=dataset_args(),
         cfg=config_json(*CACHE_KEYS),
+        # the bytes of the labelled images: an image replaced or edited, even keeping its
+        # mtime, reruns the cache
+        images=images_param,
         code=stage_digest("cache_augmentations"),
     threads: 1
     resources:

@@ -1,7 +1,9 @@
 # Helpers for the rules: config validation, input functions, code digests. No rules here.
 
 import copy
+import functools
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ EXAMPLE = config["example"]
 # the workflow's own copy of the package decides code digests and cache keys
 sys.path.insert(0, str(workflow.basedir))
 from pipeline.core.digest import code_digest  # noqa: E402
+from pipeline.core.hashing import images_digest  # noqa: E402
+from pipeline.core.views import split_view, view_name_clashes  # noqa: E402
 from pipeline.data.cache.keys import CACHE_KEYS  # noqa: E402
 
 # the config sections training reads; model outputs go to results/models/<model>/
@@ -28,9 +32,36 @@ VARIANT_SECTIONS = ("model", "training", "losses", "callbacks")
 CACHE_TRAINING_KEYS = {key.split(".")[1] for key in CACHE_KEYS if key.startswith("training.")}
 
 
+def _non_finite(value, key: str = "") -> list[str]:
+    """Dotted keys of NaN or infinite numbers (YAML `.nan`, `.inf`: JSON schema calls them
+    numbers)."""
+    if isinstance(value, dict):
+        return [bad for k, v in value.items() for bad in _non_finite(v, f"{key}.{k}" if key
+                                                                      else str(k))]
+    if isinstance(value, list):
+        return [bad for i, v in enumerate(value) for bad in _non_finite(v, f"{key}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key} = {value}"]
+    return []
+
+
 def _check_config():
     """Cross-field checks that JSON schema cannot express, with the key at fault named."""
+    bad = _non_finite(config)
+    if bad:
+        raise WorkflowError(f"config: {', '.join(bad)}: not a finite number; give a number "
+                            "(or null where the key allows it)")
     n_views = len(VIEWS)
+    clashes = view_name_clashes(VIEWS)
+    if clashes:
+        raise WorkflowError(f"config: data.view_names {VIEWS}: ambiguous view names: "
+                            f"{'; '.join(clashes)}; rename one of them")
+    min_views = config["triangulation"]["min_views"]
+    if min_views > n_views:
+        raise WorkflowError(
+            f"config: triangulation.min_views is {min_views} but data.view_names lists {n_views} "
+            f"views; it must be between 2 and {n_views}"
+        )
     for key in ("csv_file", "bbox_file"):
         files = DATA.get(key)
         if files is not None and len(files) != n_views:
@@ -91,10 +122,31 @@ MODELS = _model_configs()
 MODEL_NAMES = list(MODELS)
 
 
+def members(name: str) -> list[str]:
+    """The `{member}` wildcard values of a variant: "" (one model, results/models/<name>/), or
+    for training.ensemble_seeds one "members/seed<s>/" per seed (one training job each)."""
+    seeds = MODELS[name]["training"].get("ensemble_seeds")
+    return [f"members/seed{seed}/" for seed in seeds] if seeds else [""]
+
+
+def model_checkpoints(wildcards) -> list[str]:
+    """best.pt of every member of variant `wildcards.model`."""
+    return [f"results/models/{wildcards.model}/{m}best.pt" for m in members(wildcards.model)]
+
+
+def model_metrics(wildcards) -> str:
+    """metrics.csv of the variant's (first) member: its training curves in the report."""
+    return f"results/models/{wildcards.model}/{members(wildcards.model)[0]}metrics.csv"
+
+
 def model_config_json(wildcards) -> str:
-    """The model/data/training/losses sections of one variant, as canonical JSON."""
-    merged = MODELS[wildcards.model]
-    return json.dumps({key: merged[key] for key in TRAIN_KEYS}, sort_keys=True)
+    """The model/data/training/losses/callbacks sections of one variant (of one ensemble
+    member: its seed as training.rng_seed_model_pt), as canonical JSON."""
+    merged = copy.deepcopy({key: MODELS[wildcards.model][key] for key in TRAIN_KEYS})
+    seed = wildcards.member.removeprefix("members/seed").removesuffix("/")
+    if seed:
+        merged["training"]["rng_seed_model_pt"] = int(seed)
+    return json.dumps(merged, sort_keys=True)
 
 
 def model_device(name: str) -> str:
@@ -126,8 +178,10 @@ def _video_sessions() -> list[str]:
     if EXAMPLE["generate"]:
         return [f"session{i}" for i in range(EXAMPLE["sessions"])] if EXAMPLE["video_frames"] else []
     folder = DATA_DIR / DATA["video_dir"]
-    suffix = f"_{VIEWS[0]}.mp4"
-    return sorted(path.name[: -len(suffix)] for path in folder.glob(f"*{suffix}"))
+    # by the known view names (longest `_<view>`), never by splitting at `_`: views may hold
+    # underscores (`cam_A`); the first view's video names the session
+    found = [split_view(path.stem, VIEWS) for path in folder.glob("*.mp4")]
+    return sorted(parts[0] for parts in found if parts and parts[1] == VIEWS[0])
 
 
 VIDEO_SESSIONS = _video_sessions()
@@ -187,6 +241,35 @@ def config_json(*keys: str) -> str:
 def data_file(name: str) -> str:
     """A path inside data.data_dir."""
     return str(DATA_DIR / name)
+
+
+@functools.cache
+def labelled_images_digest() -> str:
+    """`pipeline.core.hashing.images_digest` of every image the label CSVs list (read once per
+    run, only for jobs that use it): a params entry of the cache (and train) rule, so replacing
+    or editing a labelled image, even keeping its mtime, reruns cache_augmentations. "" for the
+    generated example (its images are outputs of generate_example); "unreadable" when a label
+    CSV cannot be read (validate_calibration then reports it)."""
+    if EXAMPLE["generate"]:
+        return ""
+    from pipeline.core.errors import ParallaxError
+    from pipeline.io.labels_csv import read_label_csv
+
+    try:
+        paths = [p for name in DATA["csv_file"] for p in read_label_csv(DATA_DIR / name).index]
+    except (ParallaxError, OSError):
+        return "unreadable"
+    return images_digest(DATA_DIR, paths)
+
+
+def images_param(wildcards) -> str:
+    return labelled_images_digest()
+
+
+def images_hash_arg(wildcards) -> str:
+    """`--images-hash <digest>` for the train stage ("" for the generated example)."""
+    digest = labelled_images_digest()
+    return f"--images-hash {quoted([digest])}" if digest else ""
 
 
 def get_dataset_inputs(wildcards=None) -> dict:

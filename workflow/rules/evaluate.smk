@@ -19,7 +19,7 @@ rule evaluate:
         predictions=rules.predict_labeled.output,
         labels_3d="results/triangulation/labels_3d.csv",
         splits="results/cache/splits.csv",
-        metrics="results/models/{model}/metrics.csv",
+        metrics=model_metrics,
     output:
         metrics="results/models/{model}/evaluation/metrics.json",
         tables=expand("results/models/{{model}}/evaluation/{table}.csv", table=EVAL_TABLES),

@@ -4,7 +4,7 @@
 rule predict_labeled:
     input:
         unpack(get_dataset_inputs),
-        checkpoint="results/models/{model}/best.pt",
+        checkpoint=model_checkpoints,
         splits="results/cache/splits.csv",
         labels_3d="results/triangulation/labels_3d.csv",
     output:
@@ -23,6 +23,7 @@ rule predict_labeled:
         points_3d="results/models/{model}/predictions/predictions_3d.csv",
         error_3d="results/models/{model}/predictions/error_3d.csv",
         view_dropout="results/models/{model}/predictions/view_dropout.csv",
+        members=directory("results/models/{model}/predictions/members"),
     log:
         "logs/predict_labeled/{model}.log",
     benchmark:
@@ -47,6 +48,7 @@ rule predict_labeled:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline.stages.predict_labeled {params.dataset} --checkpoint {input.checkpoint:q} "
+        "--members-dir {output.members:q} "
         "--splits {input.splits:q} --labels-3d {input.labels_3d:q} --out-dir {params.out:q} "
         "--batch-size {params.batch} --min-confidence {params.min_confidence} "
         "--outlier-px {params.outlier_px} --min-views {params.min_views} {params.dropout} "
@@ -55,7 +57,7 @@ rule predict_labeled:
 
 rule predict_video:
     input:
-        checkpoint="results/models/{model}/best.pt",
+        checkpoint=model_checkpoints,
         videos=session_videos,
         calibration=session_calibration,
     output:
@@ -64,6 +66,7 @@ rule predict_video:
         ),
         points_3d="results/models/{model}/videos/{session}_3d.csv",
         raw=expand("results/models/{{model}}/videos/{{session}}_{view}_raw.csv", view=VIEWS),
+        members=directory("results/models/{model}/videos/members/{session}"),
         traces=report(
             "results/models/{model}/videos/{session}_trajectories.png",
             caption="../report/video_traces.rst",
@@ -98,6 +101,7 @@ rule predict_video:
         "../../envs/pipeline.yaml"
     shell:
         "python -m pipeline.stages.predict_video --checkpoint {input.checkpoint:q} "
+        "--members-dir {output.members:q} "
         "--videos {input.videos:q} --view-names {params.views:q} {params.calibration} "
         "--session {wildcards.session:q} --out-dir {params.out:q} --batch-size {params.batch} "
         "--min-confidence {params.min_confidence} --outlier-px {params.outlier_px} "

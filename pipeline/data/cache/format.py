@@ -42,8 +42,11 @@ keypoint_names, image_size (H, W), and for train.h5 the build summary: residual_
 residual_p95_px, not_augmented (JSON: reason -> frames).
 
 `config_hash` is the digest of the `--config-json` the stage got (the rule passes the config
-keys listed in workflow/rules/common.smk `CACHE_KEYS`); a reader compares it with the hash of
-the current config through `open_checked(path, expected_config_hash)`.
+keys listed in `pipeline/data/cache/keys.py` `CACHE_KEYS`); a reader compares it with the hash
+of the current config through `open_checked(path, expected_config_hash)`. `input_hash` is
+`<images digest>.<other inputs digest>`: `pipeline.core.hashing.images_digest` of the labelled
+images, then the label CSVs, calibrations and labels_3d.csv; the trainer compares the first part
+with the images it is told of (`--images-hash`) and refuses a cache built from other images.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class CacheDataset(Dataset):
     """Samples of one cache file.
 
     expected_config_hash: refuse a cache built with another config (see `cache.config_hash`).
+    expected_images_hash: refuse a cache built from other labelled images (the first part of
+        its `input_hash`, `pipeline.core.hashing.images_digest`; the train rule passes it).
     photometric: None = off (evaluation); else drawn per view from a generator seeded by
         (seed, epoch, row), so an epoch is reproducible whatever the workers and order.
     sets: keep only samples of these sets (e.g. ("val",) from eval.h5); None = all.
@@ -62,7 +64,8 @@ class CacheDataset(Dataset):
 
     def __init__(self, path: str | Path, *, expected_config_hash: str | None = None,
                  photometric: PhotometricConfig | None = None, seed: int = 0,
-                 sets: tuple[str, ...] | None = None, normalize: bool = True) -> None:
+                 sets: tuple[str, ...] | None = None, normalize: bool = True,
+                 expected_images_hash: str | None = None) -> None:
         self.path = Path(path)
         self.photometric = photometric
         self.seed = seed
@@ -73,6 +76,8 @@ class CacheDataset(Dataset):
             self.keypoint_names = [str(k) for k in h5.attrs["keypoint_names"]]
             self.image_size = tuple(int(s) for s in h5.attrs["image_size"])
             self.config_hash = str(h5.attrs["config_hash"])
+            check_images_hash(self.path, str(h5.attrs.get("input_hash", "")),
+                              expected_images_hash)
             meta = {name: read_dataset(h5, name, self.path) for name in METADATA}
             for name in ("set", "image"):
                 meta[name] = decode_strings(read_dataset(h5, name, self.path))
@@ -142,6 +147,15 @@ class CacheDataset(Dataset):
                 handle.close()
             except Exception:  # interpreter shutdown: nothing useful to do
                 pass
+
+
+def check_images_hash(path: Path, input_hash: str, expected: str | None) -> None:
+    """The cache's input_hash starts with the digest of the images it was built from."""
+    found = input_hash.split(".")[0]
+    if expected and found != expected:
+        raise ParallaxError(f"{path}: built from other images (images digest {found}, the "
+                            f"labelled images now give {expected}): an image was replaced or "
+                            "edited since; rerun cache_augmentations")
 
 
 def item_tensors(meta: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
