@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The rules call `python -m pipeline.<stage>`: put the venv first on PATH.
+# The rules call `python -m pipeline.stages.<rule>`: put the venv first on PATH.
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 

@@ -1,6 +1,6 @@
 # Parallax: calibrated multi-view animal pose estimation.
 # Stages (one rule file each): example -> calibration -> triangulation -> cache -> train
-#   -> predict (labelled frames, videos) -> evaluate -> comparison -> report
+#   -> predict (labelled frames, videos) -> evaluate -> comparison, smooth_video -> report
 # Run: snakemake --cores N   then   snakemake --report results/report.html   (see README.md)
 
 from snakemake.utils import min_version
@@ -19,7 +19,8 @@ include: "workflow/rules/common.smk"
 
 wildcard_constraints:
     model="|".join(re.escape(name) for name in MODEL_NAMES),
-    session="[^/]+",
+    # only the sessions found (never `<session>_smoothed` from another file name)
+    session="|".join(re.escape(name) for name in VIDEO_SESSIONS) or "(?!)",
     member="(members/seed[0-9]+/)?",
 
 

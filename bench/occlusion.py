@@ -37,6 +37,10 @@ import yaml
 from results import machine_lines, write_section
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pipeline.core.mappings import merge  # noqa: E402
+from pipeline.io.predictions_csv import read_predictions_2d  # noqa: E402
+
 RUNS = REPO / "bench" / "runs"
 BIN = Path(sys.executable).parent  # the venv running this script
 SECTION = "## Hidden keypoints (bench/occlusion.py)"
@@ -62,14 +66,6 @@ WARMUP = {"callbacks": {"anneal_weight": {"init_val": 0.0, "freeze_until_epoch":
                                           "increase_factor": 0.05, "final_val": 1.0}}}
 PAIRWISE = {"losses": {"supervised_pairwise_projections": {"log_weight": 4.0, "scale": "pose"}}}
 REPROJECTION = {"losses": {"supervised_reprojection_heatmap_mse": {"log_weight": 1.0}}}
-
-
-def merge(*parts: dict) -> dict:
-    out: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 VARIANTS = {
@@ -110,13 +106,6 @@ def run_workflow(workdir: Path, config: dict, log_name: str) -> float:
     return time.perf_counter() - tic
 
 
-def read_view_csv(path: Path) -> np.ndarray:
-    """(frames, K, 2) x, y from a DLC-style prediction CSV."""
-    table = pd.read_csv(path, header=[0, 1, 2], index_col=0)
-    table = table.loc[:, table.columns.get_level_values(2).isin(["x", "y"])]
-    return table.to_numpy(float).reshape(len(table), -1, 2)
-
-
 def score(workdir: Path, model: str) -> dict:
     """Errors of one trained variant against the exact ground truth, test frames only."""
     data = workdir / "results" / "example"
@@ -131,7 +120,7 @@ def score(workdir: Path, model: str) -> dict:
     pred_dir = workdir / "results" / "models" / model / "predictions"
     row: dict = {"model": model, "n_visible": int(visible.sum()), "n_hidden": int(hidden.sum())}
     for kind, suffix in (("raw", "_raw"), ("final", "")):
-        pred = np.stack([read_view_csv(pred_dir / f"predictions_{v}{suffix}.csv")[test]
+        pred = np.stack([read_predictions_2d(pred_dir / f"predictions_{v}{suffix}.csv")[2][test]
                          for v in views])
         error = np.linalg.norm(pred - exact_2d, axis=-1)
         row[f"{kind}_visible_px"] = float(np.nanmedian(error[visible]))
@@ -227,5 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -6,15 +6,14 @@
 Model: a ViT-S/16 multi-view transformer (`vit_small_patch16_224`, dynamic image size, random
 init, 4 views, heatmap stride 4), saved as a checkpoint and loaded with
 `pipeline.inference.predictor.load_model`, so the stage's own code runs:
-`predict_video.predict_session`
-(decode, prepare, predict) and `predict_video.write_outputs` (triangulation, CSV writing).
+`pipeline.inference.video.predict_session` (decode, prepare, predict) and
+`pipeline.stages.predict_video.write_outputs` (3D consensus, CSV writing).
 Videos: ../shared/data/mouse-4cam/videos (4 x 1280x1024 H.264, the first --max-frames of its
 120 frames; skipped with a message when absent) and a synthetic example (4 x 640x512 mp4v,
-`pipeline.stages.generate_example`). Steps, per frame instant (all 4 views): decode (OpenCV),
-prepare
-(`prepare_views`: anti-alias blur + warpAffine to the model size), forward (normalisation +
-the network), heatmap decode (`decoding.decode_heatmaps`), 3D (confidence-weighted DLT), CSV (2D
-+ pose-3d tables). Best run of --repeats after a warm-up.
+`pipeline.synthetic.generate`). Steps, per frame instant (all 4 views): decode (OpenCV), prepare
+(`prepare_views`: anti-alias blur + warpAffine to the model size), forward (normalisation + the
+network), heatmap decode (`decoding.decode_heatmaps`), 3D (`pipeline.inference.consensus`), CSV
+(2D + pose-3d tables). Best run of --repeats after a warm-up.
 Throughput vs number of sessions: 1, 2, 4 synthetic sessions run one after the other in one
 process with the model loaded once (what one `predict_video` job per session does, minus the
 model loading and process start that each job pays; the load time is reported separately).
@@ -69,12 +68,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.inference import predictor  # noqa: E402
+from pipeline.inference import video as video_inference  # noqa: E402
 from pipeline.inference.video import predict_session  # noqa: E402
 from pipeline.io.calibration_toml import read_calibration  # noqa: E402
 from pipeline.io.labels_csv import read_label_csv  # noqa: E402
 from pipeline.io.video import check_synchronised  # noqa: E402
 from pipeline.models.model import MultiviewTransformer  # noqa: E402
-from pipeline.stages import predict_video  # noqa: E402
 from pipeline.stages.predict_video import output_paths, write_outputs  # noqa: E402
 from pipeline.synthetic.generate import generate_example  # noqa: E402
 
@@ -97,7 +96,7 @@ class DecodeTimer:
 
 def limit_frames(limit: int) -> None:
     """Make the stage read only the first `limit` frames of each video (bench time budget)."""
-    stream = predict_video.iter_batches
+    stream = video_inference.iter_batches
 
     def first_frames(paths, batch_size, infos=None):
         for start, batch in stream(paths, batch_size, infos):
@@ -105,7 +104,7 @@ def limit_frames(limit: int) -> None:
                 return
             yield start, [frames[: limit - start] for frames in batch]
 
-    predict_video.iter_batches = first_frames
+    video_inference.iter_batches = first_frames
 
 
 def make_checkpoint(folder: Path, size: int, views: list[str], keypoints: list[str]) -> Path:
@@ -206,7 +205,7 @@ def table(rows: list[dict], session_rows: list[dict], args: argparse.Namespace) 
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return (
-        "Stage code path (`predict_video.predict_session` + `write_outputs`) on CPU, "
+        "Stage code path (`pipeline.inference.video.predict_session` + `write_outputs`) on CPU, "
         f"{args.threads} threads (torch, OpenCV, BLAS), batch {args.batch_size} frame "
         "instants, ViT-S/16 MVT (`vit_small_patch16_224`, random init, dynamic image size, 4 "
         "views, heatmaps at 1/4 of the input). Per step: ms per frame instant (4 views), share "

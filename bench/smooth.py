@@ -6,14 +6,14 @@
     .venv/bin/python bench/smooth.py --simulate --predictions-dir /tmp/p --data-dir /tmp/d \\
         --view-names cam0 cam1 cam2 cam3      (dry run: example + simulated predictions)
 
-Predictions mode: every session with a `<session>_<view>.csv` per view in --predictions-dir
-(predict_video's per-view CSVs) is smoothed with its calibration `calibrations/<session>.toml`
-(else `calibration.toml`) from --data-dir and compared with the exact 3D of the synthetic
-example's `ground_truth.npz`: its rows are the sessions' frames in order (`sessions` names each
-row's session), and video frame f of a session is that session's f-th row (`generate_example`
-renders the labelled frames and the video from the same motion), so only the first
-frames_per_session video frames have ground truth. Raw = the confidence-weighted per-frame
-N-view DLT of every view with a prediction (predict_video's 3D before this stage). Measures:
+Predictions mode: every session with a `<session>_<view>_raw.csv` per view in
+--predictions-dir (predict_video's raw network output, what the smooth_video rule smooths; an
+ensemble's with its variance) is smoothed with its calibration (`find_calibration`:
+calibrations/<session>.toml, else calibration.toml) from --data-dir and compared with the exact
+3D of every video frame of the synthetic example (`ground_truth.npz` `video_points_3d`,
+`video_visible`, one row per session in session order). Raw = the confidence-weighted
+per-frame N-view DLT of every view with a prediction (`SmoothedSession.raw_3d`); consensus =
+predict_video's robust 3D (`<session>_3d.csv`, `pipeline.inference.consensus`). Measures:
 median and p95 3D error over the frame keypoints the raw DLT triangulated, the same on frame
 keypoints hidden in at least one view (`visible` False), jitter (median norm of the
 frame-to-frame second difference), coverage, the fraction of observations flagged, smoothing
@@ -61,13 +61,17 @@ if ARGS is not None:  # thread pools are sized when numpy loads
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from pipeline.core.cli import setup_logging  # noqa: E402
+from pipeline.data.paths import find_calibration  # noqa: E402
 from pipeline.geometry.cameras import CameraGroup  # noqa: E402
 from pipeline.inference.smoothing import smooth_session  # noqa: E402
 from pipeline.io.calibration_toml import read_calibration  # noqa: E402
-from pipeline.io.predictions_csv import write_predictions_2d  # noqa: E402
-from pipeline.io.smoothed_csv import read_view_predictions  # noqa: E402
+from pipeline.io.predictions_csv import (  # noqa: E402
+    read_predictions_table,
+    write_predictions_2d,
+)
 
 COLUMNS = ("session", "frames", "median raw", "median smoothed", "p95 raw", "p95 smoothed",
            "hidden median raw", "hidden median smoothed", "jitter raw", "jitter smoothed",
@@ -82,18 +86,14 @@ def jitter(points: np.ndarray) -> float:
 
 def compare(name: str, group: CameraGroup, points: np.ndarray, conf: np.ndarray,
             variance: np.ndarray | None, truth: np.ndarray,
-            hidden: np.ndarray | None) -> dict[str, float | str]:
-    """Smooth and score one session (points (V, N, K, 2), truth (N, K, 3), hidden (N, K))."""
-    raw = np.empty(truth.shape)
-    for start in range(0, points.shape[1], 4096):  # blocks: bounded temporaries
-        block = slice(start, start + 4096)
-        with np.errstate(invalid="ignore"):
-            used = np.isfinite(points[:, block]).all(-1) & (conf[:, block] > 0)
-        raw[block] = group.triangulate(np.where(used[..., None], points[:, block], np.nan),
-                                       weights=np.where(used, conf[:, block], 0.0)).points_3d
+            hidden: np.ndarray | None, consensus: np.ndarray | None = None
+            ) -> dict[str, float | str]:
+    """Smooth and score one session (points (V, N, K, 2), truth (N, K, 3), hidden (N, K),
+    consensus (N, K, 3) or None)."""
     tic = time.perf_counter()
     result = smooth_session(points, variance, conf, group, progress=name)
     seconds = time.perf_counter() - tic
+    raw = result.raw_3d
     err_raw = np.linalg.norm(raw - truth, axis=-1)
     err = np.linalg.norm(result.points_3d - truth, axis=-1)
     both = np.isfinite(err_raw) & np.isfinite(err)
@@ -107,6 +107,10 @@ def compare(name: str, group: CameraGroup, points: np.ndarray, conf: np.ndarray,
             "p95 raw": stat(err_raw, both, 95), "p95 smoothed": stat(err, both, 95),
             "hidden median raw": stat(err_raw, hid, 50),
             "hidden median smoothed": stat(err, hid, 50),
+            **({} if consensus is None else {
+                "median consensus": stat(np.linalg.norm(consensus - truth, axis=-1), both, 50),
+                "p95 consensus": stat(np.linalg.norm(consensus - truth, axis=-1), both, 95),
+                "jitter consensus": jitter(consensus)}),
             "jitter raw": jitter(raw), "jitter smoothed": jitter(result.points_3d),
             "jitter truth": jitter(truth), "coverage raw": float(np.isfinite(err_raw).mean()),
             "flagged": float(result.outlier.sum() / max(np.isfinite(result.residual_px).sum(),
@@ -123,52 +127,54 @@ def simulate(args: argparse.Namespace) -> None:
     from pipeline.synthetic.generate import generate_example
 
     if not (args.data_dir / "ground_truth.npz").exists():
-        generate_example(args.data_dir, n_sessions=2, frames_per_session=300,
-                         n_views=len(args.view_names), image_size=(320, 256))
+        generate_example(args.data_dir, n_sessions=2, frames_per_session=20,
+                         n_views=len(args.view_names), image_size=(320, 256), video_frames=300)
     truth = np.load(args.data_dir / "ground_truth.npz")
     rng = np.random.default_rng(0)
     names = [str(k) for k in truth["keypoint_names"]]
-    for session in np.unique(truth["sessions"]):
-        rows = truth["sessions"] == session
-        exact, visible = truth["points_2d"][:, rows], truth["visible"][:, rows]
+    for s, session in enumerate(dict.fromkeys(str(x) for x in truth["sessions"])):
+        group = read_calibration(find_calibration(args.data_dir, session), args.view_names)
+        exact = group.project(truth["video_points_3d"][s])  # (V, N, K, 2)
+        visible = truth["video_visible"][s]
+        rows = np.ones(exact.shape[1], bool)
         noise = np.where(visible[..., None], 3.0, 15.0) * rng.normal(size=exact.shape)
         gross = rng.random(visible.shape) < 0.02
         noise[gross] += rng.choice([-40.0, 40.0], size=(gross.sum(), 2))
         conf = np.clip(rng.uniform(0.6, 1.0, visible.shape) * np.where(visible, 1.0, 0.3), 0, 1)
         for v, view in enumerate(args.view_names):
-            write_predictions_2d(args.predictions_dir / f"{session}_{view}.csv",
+            write_predictions_2d(args.predictions_dir / f"{session}_{view}_raw.csv",
                                  range(rows.sum()), names, exact[v] + noise[v], conf[v],
                                  scorer="simulated")
 
 
 def predictions_rows(args: argparse.Namespace) -> list[dict]:
     truth = np.load(args.data_dir / "ground_truth.npz")
-    first = args.view_names[0]
-    sessions = sorted(p.name[:-len(f"_{first}.csv")]
-                      for p in args.predictions_dir.glob(f"*_{first}.csv"))
+    names = [str(k) for k in truth["keypoint_names"]]
     rows = []
-    for session in sessions:
-        paths = [args.predictions_dir / f"{session}_{v}.csv" for v in args.view_names]
+    for s, session in enumerate(dict.fromkeys(str(x) for x in truth["sessions"])):
+        paths = [args.predictions_dir / f"{session}_{v}_raw.csv" for v in args.view_names]
         if not all(p.exists() for p in paths):
             continue
-        views = [read_view_predictions(p) for p in paths]
-        calibration = args.data_dir / "calibrations" / f"{session}.toml"
-        if not calibration.exists():
-            calibration = args.data_dir / "calibration.toml"
-        group = read_calibration(calibration, args.view_names)
-        gt_rows = np.flatnonzero(truth["sessions"] == session)
-        n = min(len(gt_rows), len(views[0].index))
+        views = [read_predictions_table(p) for p in paths]
+        group = read_calibration(find_calibration(args.data_dir, session), args.view_names)
+        n = min(truth["video_points_3d"].shape[1], len(views[0].index))
         if n == 0:
             print(f"{session}: no ground truth, skipped")
             continue
         points = np.stack([v.points for v in views])[:, :n]
-        conf = np.stack([v.confidence for v in views])[:, :n]
+        conf = np.stack([v.likelihood for v in views])[:, :n]
         variance = None
         if all(v.variance is not None for v in views):
             variance = np.stack([v.variance for v in views])[:, :n]
-        hidden = ~truth["visible"][:, gt_rows[:n]].all(0)
+        hidden = ~truth["video_visible"][s][:, :n].all(0)
+        consensus = None
+        pose = args.predictions_dir / f"{session}_3d.csv"
+        if pose.exists():
+            table = pd.read_csv(pose)
+            consensus = table[[f"{k}_{a}" for k in names for a in "xyz"]].to_numpy(float)
+            consensus = consensus.reshape(len(table), len(names), 3)[:n]
         rows.append(compare(session, group, points, conf, variance,
-                            truth["points_3d"][gt_rows[:n]], hidden))
+                            truth["video_points_3d"][s][:n], hidden, consensus))
     return rows
 
 
@@ -216,8 +222,9 @@ def markdown(rows: list[dict]) -> list[str]:
         return value if isinstance(value, str) else f"{value:,}" if isinstance(value, int) \
             else f"{value:.3g}"
 
-    return ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1),
-            *["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]]
+    columns = [c for c in rows[0] if c != "output MiB"]  # COLUMNS, + consensus when present
+    return ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1),
+            *["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]]
 
 
 def verdict(rows: list[dict]) -> str:

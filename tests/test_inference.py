@@ -237,6 +237,24 @@ def test_consensus_fills_unsure_and_missing_views_and_keeps_lonely_ones():
     assert not lonely.replaced[:, 2:].any()
 
 
+def test_consensus_needs_min_views_that_agree():
+    """Two views agree, two others are wrong in different directions: with min_views 3 there
+    is no consensus, and no view is replaced by a point the wrong views pulled."""
+    group = make_group()
+    truth = np.random.default_rng(3).uniform(-40, 40, (3, 2, 3))
+    points = group.project(truth)
+    points[2] += 50.0
+    points[3] -= 50.0
+    conf = np.ones(points.shape[:-1])
+    strict = consensus(points, conf, group, 1.0, ConsensusSettings(0.5, 6.0, min_views=3))
+    assert np.isnan(strict.points_3d).all() and not strict.replaced.any()
+    np.testing.assert_array_equal(strict.final, points)
+    loose = consensus(points, conf, group, 1.0, ConsensusSettings(0.5, 6.0, min_views=2))
+    np.testing.assert_allclose(loose.points_3d, truth, atol=1e-6)
+    with pytest.raises(ParallaxError, match="prediction.consensus"):
+        ConsensusSettings(min_confidence=1.5)
+
+
 def test_prediction_csvs_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     index = [f"labeled-data/s0_top/img{i:04d}.png" for i in range(4)]

@@ -4,6 +4,7 @@ annealing schedule, checked through the loss total against values computed here.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,8 @@ def test_anneal_schedule_hold_then_ramp():
     assert [cfg.anneal_weight(e) for e in (0, 5, 9.99, 10)] == [0.0] * 4
     assert cfg.anneal_weight(15) == pytest.approx(0.5)
     assert cfg.anneal_weight(20) == cfg.anneal_weight(300) == 1.0
-    assert TrainConfig().anneal_weight(0) == 1.0  # no schedule: full weight from the start
+    flat = TrainConfig(anneal_init_val=1.0, anneal_freeze_until_epoch=0.0)
+    assert flat.anneal_weight(0) == 1.0  # no schedule: full weight from the start
     # through the loss total: before the hold ends the 3D term adds nothing
     terms = [Term("heatmap_mse", torch.tensor(0.3), torch.tensor(4.0)),
              Term("pairwise_projection", torch.tensor(7.0), torch.tensor(6.0)),
@@ -119,3 +121,38 @@ def test_lp_config_keys_reach_train_config():
     assert cfg.anneal_weight(60) == 0.0 and cfg.anneal_weight(160) == pytest.approx(1.0)
     with pytest.raises(ParallaxError, match="training.hidden_keypoints"):
         TrainConfig(hidden_keypoints="visible")
+
+
+def test_train_config_defaults_are_the_schemas():
+    """TrainConfig (used without the workflow by tests and benchmarks) and the workflow's config
+    schema must not disagree on a default."""
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "config.schema.yaml").read_text())["properties"]
+
+    def default(*path: str):
+        node = schema
+        for key in path[:-1]:
+            node = node[key]["properties"]
+        return node[path[-1]]["default"]
+
+    cfg = TrainConfig()
+    pairs = {
+        "hidden_keypoints": ("training", "hidden_keypoints"),
+        "hidden_log_weight": ("losses", "supervised_hidden_heatmap_mse", "log_weight"),
+        "pairwise_log_weight": ("losses", "supervised_pairwise_projections", "log_weight"),
+        "pairwise_scale": ("losses", "supervised_pairwise_projections", "scale"),
+        "reprojection_log_weight": ("losses", "supervised_reprojection_heatmap_mse",
+                                    "log_weight"),
+        "reprojection_hidden_views": ("losses", "supervised_reprojection_heatmap_mse",
+                                      "hidden_views"),
+        "heatmap_sigma": ("losses", "heatmap_sigma"),
+        "anneal_init_val": ("callbacks", "anneal_weight", "init_val"),
+        "anneal_increase_factor": ("callbacks", "anneal_weight", "increase_factor"),
+        "anneal_final_val": ("callbacks", "anneal_weight", "final_val"),
+        "anneal_freeze_until_epoch": ("callbacks", "anneal_weight", "freeze_until_epoch"),
+    }
+    for field, path in pairs.items():
+        assert getattr(cfg, field) == default(*path), field
+    assert TrainConfig.from_config({}) == cfg

@@ -18,6 +18,7 @@ from pipeline.core.errors import ParallaxError
 from pipeline.inference.predictor import load_model, predict, prepare_views
 from pipeline.io import video as video_io
 from pipeline.io.calibration_toml import read_calibration
+from pipeline.io.predictions_csv import read_predictions_table
 from pipeline.stages import cache_augmentations, predict_video, triangulate_labels
 from pipeline.synthetic.generate import generate_example
 from pipeline.training.config import TrainConfig
@@ -304,3 +305,33 @@ def test_real_videos_are_found_and_synchronised(mouse_dir):
     infos = video_io.check_synchronised(sessions["session0"])
     assert {(i.frame_count, i.width, i.height) for i in infos} == {(120, 1280, 1024)}
     assert video_io.count_frames(sessions["session0"][0]) == 120
+
+
+def test_ensemble_members_mean_and_variance(trained, tmp_path):
+    """Two members: each member's CSVs in --members-dir, the raw file is their mean with their
+    variance (x_var, y_var), the video decoded once for both."""
+    members = []
+    for seed in (0, 1):
+        folder = tmp_path / "models" / "tiny" / "members" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        state = torch.load(trained["checkpoint"], weights_only=False)
+        if seed:
+            state["model"] = {k: v * 1.05 if v.is_floating_point() else v
+                              for k, v in state["model"].items()}
+        torch.save(state, folder / "best.pt")
+        members.append(folder / "best.pt")
+    out, member_dir = tmp_path / "videos", tmp_path / "videos" / "members" / "session0"
+    argv = cli(trained, out, None, "--members-dir", str(member_dir))
+    at = argv.index("--checkpoint")
+    argv[at + 1:at + 2] = [str(m) for m in members]
+    assert predict_video.main(argv) == 0
+    for view in trained["views"]:
+        tables = [read_predictions_table(member_dir / f"seed{s}" / f"session0_{view}.csv")
+                  for s in (0, 1)]
+        raw = read_predictions_table(out / f"session0_{view}_raw.csv")
+        stacked = np.stack([t.points for t in tables])
+        np.testing.assert_allclose(raw.points, stacked.mean(0), atol=1e-9)
+        np.testing.assert_allclose(raw.variance, stacked.var(0), atol=1e-9)
+        assert len(raw.index) == VIDEO_FRAMES
+        assert raw.keypoint_names == tables[0].keypoint_names
+    assert tables[0].points.shape[0] == VIDEO_FRAMES and (raw.variance > 0).any()

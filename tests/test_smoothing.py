@@ -13,13 +13,8 @@ import pytest
 
 from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import Camera, CameraGroup
-from pipeline.inference.smoothing import (
-    SmoothingSettings,
-    kalman_smoother,
-    limb_lengths_from_points,
-    motion_variance,
-    smooth_session,
-)
+from pipeline.inference.kalman import kalman_smoother, limb_lengths_from_points
+from pipeline.inference.smoothing import SmoothingSettings, motion_variance, smooth_session
 from pipeline.io.calibration_toml import write_calibration
 from pipeline.io.labels_csv import write_label_csv
 from pipeline.io.predictions_csv import read_pose_3d, read_predictions_2d, write_predictions_2d

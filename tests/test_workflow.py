@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.core.mappings import merge
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -32,23 +34,15 @@ def example_views(n: int) -> list[str]:
     return list(view_names_for(n))
 
 
-def merged(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
-
-
 def write_config(path: Path, **overrides) -> Path:
     """The repository's config.yaml (its model variants too) shrunk by TINY, plus overrides
     (merged into each section): with --directory, Snakemake does not find config.yaml."""
-    config = merged(yaml.safe_load((REPO / "config.yaml").read_text()), TINY)
+    config = merge(yaml.safe_load((REPO / "config.yaml").read_text()), TINY)
     views = example_views(config["example"]["views"])
     config["data"]["view_names"] = views
     config["data"]["csv_file"] = [f"CollectedData_{v}.csv" for v in views]
     for section, values in overrides.items():
-        config[section] = merged(config.get(section) or {}, values)
+        config[section] = merge(config.get(section) or {}, values)
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def structural_problems(name: str, group: CameraGroup) -> tuple[list[str], list[str]]:
-    """(errors, warnings) :meth:`CameraGroup.load` cannot see on one camera alone."""
+    """(errors, warnings) `pipeline.io.calibration_toml.read_calibration` cannot see on one camera
+    alone."""
     problems, warnings = [], []
     for index, cam in enumerate(group.cameras):
         width, height = cam.size

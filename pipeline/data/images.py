@@ -61,8 +61,8 @@ def full_frame_boxes(images: list[np.ndarray]) -> np.ndarray:
 
 def frame_from_image(labels: MultiviewLabels, frame: int, images: list[np.ndarray]) -> np.ndarray:
     """(V, 2, 3) image file pixels -> camera frame pixels: identity, or for a bbox dataset (whose
-    images are crops, possibly resized) the same map `dataset.load_labels` applies to the labels:
-    frame = (x, y) + crop · (w / crop width, h / crop height)."""
+    images are crops, possibly resized) the same map `pipeline.data.project.load_labels` applies to
+    the labels: frame = (x, y) + crop · (w / crop width, h / crop height)."""
     if labels.bboxes is None:
         return aug.identity(labels.n_views)
     x, y, h, w = labels.bboxes[:, frame].T

@@ -21,7 +21,7 @@ from pipeline.core.errors import ParallaxError
 from pipeline.data.cache.build import NOT_AUGMENTED, BuildStats
 from pipeline.data.cache.format import decode_strings
 
-log = logging.getLogger("parallax.video_draw")
+log = logging.getLogger(__name__)
 
 EDGE_COLOUR = (230, 230, 230)  # BGR
 

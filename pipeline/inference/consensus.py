@@ -12,8 +12,8 @@ Per frame and keypoint (all of them at once, no loops over frames, keypoints or 
    whose reprojection error is below t), its reprojection into every view;
 4. the final prediction of a view is that reprojection where the view's own confidence is below
    `min_confidence`, its prediction is missing, or it lies further than t from the reprojection;
-   elsewhere it is the network's own output. Without a consensus point (fewer than 2 views) the
-   network's output stays.
+   elsewhere it is the network's own output. Without a consensus point (fewer than `min_views`
+   views agree) the network's output stays.
 
 t is in *model pixels* (the network's input resolution, where its accuracy is set: a heatmap
 cell is 2**downsample_factor of them) and converted to frame pixels per view and frame with the
@@ -27,6 +27,7 @@ from itertools import combinations
 
 import numpy as np
 
+from pipeline.core.errors import ParallaxError
 from pipeline.geometry.cameras import CameraGroup
 from pipeline.geometry.dlt import triangulate_dlt_normalized
 
@@ -41,6 +42,13 @@ class ConsensusSettings:
     min_confidence: float = 0.5
     outlier_px: float = 6.0
     min_views: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_confidence <= 1 or not self.outlier_px > 0 or self.min_views < 2:
+            raise ParallaxError(
+                f"prediction.consensus: min_confidence must be in [0, 1] (got "
+                f"{self.min_confidence}), outlier_px > 0 (got {self.outlier_px}) and "
+                f"triangulation.min_views >= 2 (got {self.min_views})")
 
 
 @dataclass(frozen=True)
@@ -150,8 +158,9 @@ def consensus(points: np.ndarray, confidence: np.ndarray, group: CameraGroup,
         cols = slice(start, start + BLOCK)
         inlier[:, cols] = _best_pair(normalized[:, cols], flat[:, cols], weights[:, cols],
                                      candidate[:, cols], group, threshold[:, cols])
-    # a keypoint whose best pair has < 2 inliers (e.g. all views disagree) uses every candidate
-    use = np.where((inlier.sum(0) >= settings.min_views)[None], inlier, candidate)
+    # fewer than min_views views agree on a point (e.g. every pair disagrees with the others):
+    # no consensus, the network's predictions stay
+    use = inlier & (inlier.sum(0) >= settings.min_views)[None]
     points_3d = triangulate_dlt_normalized(normalized, extrinsics(group),
                                            np.where(use, weights, 0.0), settings.min_views)
     reprojected = group.project(points_3d)  # (V, M, 2)

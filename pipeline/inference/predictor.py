@@ -1,12 +1,14 @@
-"""Model inference core: load a trained checkpoint, prepare frames, predict, triangulate.
+"""Model inference core: load a trained checkpoint, prepare frames, predict (3D:
+`pipeline.inference.consensus`).
 
 Used by the stages `predict_labeled` and `predict_video`. The chain from a camera frame to a
 prediction in that frame is exactly the one the cache uses for its evaluation samples:
 
   frame (H_v, W_v, 3) BGR uint8
     --prepare_views-->   model image (H, W, 3): `augment3d.model_from_frame` of the LP bbox
-                         (or the whole frame) + `cache_build.warp_image` (anti-alias blur when
-                         shrinking, one bilinear warpAffine); `frame_from_model` (2, 3) its inverse
+                         (or the whole frame) + `pipeline.data.images.warp_image`
+                         (anti-alias blur when shrinking, one bilinear warpAffine);
+                         `frame_from_model` (2, 3) its inverse
     --predict-->         heatmaps -> keypoints in model pixels -> `frame_from_model` -> frame px
 
 Decoding and confidence (`decoding.decode_heatmaps`): the keypoint is the local soft-argmax, i.e.
@@ -127,7 +129,7 @@ def prepare_views(images: Sequence[np.ndarray], boxes: np.ndarray | None,
     boxes: (V, 4) LP bbox x, y, h, w in frame pixels (the part of the frame the model sees),
     or None for the whole frame. image_to_frame: optional (V, 2, 3) map from the given images'
     pixels to camera frame pixels, for datasets whose stored images are bbox crops
-    (`cache_build.frame_from_image`); None = the images are the frames.
+    (`pipeline.data.images.frame_from_image`); None = the images are the frames.
     The resize is the cache's (eval samples), so the model sees what it saw at validation.
     """
     n_views = len(images)

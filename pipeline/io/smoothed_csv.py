@@ -1,9 +1,6 @@
-"""Tables of the 3D smoother (stage smooth_video): its inputs with ensemble variances and its
-3D output.
+"""Tables of the 3D smoother (stage smooth_video); its inputs, per-view predictions with
+optional ensemble variances (x_var, y_var), are read by `predictions_csv.read_predictions_table`.
 
-- per-view predictions: the DLC 3-header-row CSV of `predictions_csv` (index = frame), coords
-  x, y, likelihood per keypoint and optionally x_var, y_var (ensemble variance, px²; every
-  keypoint or none). Trailing plain columns (e.g. `set`) are ignored.
 - smoothed pose-3d: the anipose table of `predictions_csv.pose_3d_table` plus a `<kp>_std`
   column after each `<kp>_score` (posterior standard deviation, calibration units: the root of
   the posterior variances summed over x, y, z, i.e. the expected 3D error). `read_pose_3d` reads
@@ -14,7 +11,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,29 +18,7 @@ import pandas as pd
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.errors import ParallaxError
-from pipeline.io.predictions_csv import pose_3d_table, read_predictions_table
-
-
-@dataclass(frozen=True)
-class ViewPredictions:
-    """One view's predictions: points (N, K, 2) frame px, confidence (N, K), variance
-    (N, K, 2) px² or None (no x_var / y_var columns)."""
-
-    path: Path
-    index: tuple[str, ...]
-    keypoint_names: tuple[str, ...]
-    points: np.ndarray
-    confidence: np.ndarray
-    variance: np.ndarray | None
-
-
-def read_view_predictions(path: str | Path) -> ViewPredictions:
-    """Read one view's predictions CSV (`predictions_csv.read_predictions_table`); every
-    problem is a ParallaxError naming the file."""
-    table = read_predictions_table(path)
-    return ViewPredictions(path=table.path, index=table.index,
-                           keypoint_names=table.keypoint_names, points=table.points,
-                           confidence=table.likelihood, variance=table.variance)
+from pipeline.io.predictions_csv import pose_3d_table
 
 
 def smoothed_pose_3d_table(keypoint_names: Sequence[str], points_3d: np.ndarray,
@@ -92,5 +66,5 @@ def read_labelled_3d(path: str | Path, keypoint_names: Sequence[str]) -> np.ndar
         raise ParallaxError(f"{path}: non-numeric 3D coordinates: {err}") from None
 
 
-__all__ = ["ViewPredictions", "read_labelled_3d", "read_view_predictions",
+__all__ = ["read_labelled_3d",
            "smoothed_pose_3d_table", "write_smoothed_3d"]

@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.core.errors import ParallaxError
 from pipeline.core.views import check_view_names, split_view
 
-log = logging.getLogger("parallax.video_io")
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 

@@ -1,8 +1,9 @@
 """Heatmap coordinates and decoding, for training (differentiable) and inference.
 
-Coordinates (README "Coordinates"): model pixel centres at integer coordinates, origin at the
-top-left pixel centre. A heatmap of stride s has cell (row i, column j) covering model pixels
-[j·s, (j+1)·s) × [i·s, (i+1)·s); heatmap cell centres are at integer heatmap coordinates, so
+Coordinates (README, "Model variants": the coordinates paragraph): model pixel centres at integer
+coordinates, origin at the top-left pixel centre. A heatmap of stride s has cell (row i, column j)
+covering model pixels [j·s, (j+1)·s) × [i·s, (i+1)·s); heatmap cell centres are at integer heatmap
+coordinates, so
 
     heatmap = (model + 0.5) / s - 0.5        model = (heatmap + 0.5) · s - 0.5
 

@@ -1,9 +1,9 @@
-"""Heatmap head of the pose models, and a minimal heatmap decoder.
+"""Heatmap head of the pose models (decoding: `pipeline.models.decoding`).
 
-Coordinate convention (README "Coordinates", model pixels): model pixel centres are at integer
-coordinates, origin at the top-left pixel centre, x right, y down. A heatmap of output stride
-``s = 2**downsample_factor`` has cell (row i, column j) covering model pixels
-``[j·s, (j+1)·s) × [i·s, (i+1)·s)``, so its centre is at model pixel
+Coordinate convention (README, "Model variants": the coordinates paragraph; model pixels): model
+pixel centres are at integer coordinates, origin at the top-left pixel centre, x right, y down. A
+heatmap of output stride ``s = 2**downsample_factor`` has cell (row i, column j) covering model
+pixels ``[j·s, (j+1)·s) × [i·s, (i+1)·s)``, so its centre is at model pixel
 
     x = j·s + (s − 1)/2,    y = i·s + (s − 1)/2.
 

@@ -12,7 +12,7 @@ Tensor conventions
 - ``forward_head`` -> heatmap logits (B, V, K, H/s, W/s) with ``s = model.stride = 2**ds``.
 - ``forward`` -> ``{"heatmaps": spatial softmax of the logits (each map sums to 1, float32),
   "logits": ...}``. Heatmap cell (i, j) is centred on model pixel (j·s + (s−1)/2, i·s + (s−1)/2);
-  see `pipeline.models.heads` for the convention and `decode_heatmaps`.
+  see `pipeline.models.decoding` for the convention and the decoders.
 
 MVT token sequence
 ------------------

@@ -114,10 +114,8 @@ def output_paths(out_dir: Path, view_names: Sequence[str]) -> list[Path]:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.batch_size < 1 or args.min_views < 2:
-        raise ParallaxError("--batch-size must be >= 1 and --min-views >= 2")
-    if not (0 <= args.min_confidence <= 1 and args.outlier_px > 0):
-        raise ParallaxError("--min-confidence must be in [0, 1] and --outlier-px > 0")
+    if args.batch_size < 1:
+        raise ParallaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     labels = load_dataset(args)
@@ -189,9 +187,9 @@ def _body(argv: Sequence[str] | None) -> None:
     paths = output_paths(args.out_dir, labels.view_names)
     n_files = len(PER_VIEW)
     members = member_paths(args.members_dir, ensemble, labels.view_names)
-    if args.members_dir is not None:
-        args.members_dir.mkdir(parents=True, exist_ok=True)
     with atomic_paths(*paths, *members) as tmp:
+        if args.members_dir is not None:  # the rule's directory output, even for one model
+            args.members_dir.mkdir(parents=True, exist_ok=True)
         for v in range(labels.n_views):
             index = list(labels.image_paths[v])
             for i, (xy, err) in enumerate(((points[v], errors[v]),

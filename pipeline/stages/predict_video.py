@@ -156,12 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.batch_size < 1 or args.min_views < 2 or not 0 <= args.min_confidence <= 1 \
-            or args.outlier_px <= 0:
-        raise ParallaxError(f"--batch-size ({args.batch_size}) must be >= 1, --min-views "
-                            f"({args.min_views}) >= 2, --min-confidence "
-                            f"({args.min_confidence}) in [0, 1], --outlier-px "
-                            f"({args.outlier_px}) > 0")
+    if args.batch_size < 1:
+        raise ParallaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     cv2.setNumThreads(max(1, args.threads))
@@ -181,8 +177,6 @@ def _body(argv: Sequence[str] | None) -> None:
     paths = output_paths(args.out_dir, args.session, loaded.view_names,
                          with_3d=group is not None, labeled=args.labeled_video,
                          members=ensemble.names, members_dir=args.members_dir)
-    if args.members_dir is not None:
-        args.members_dir.mkdir(parents=True, exist_ok=True)
     log.info("session %s: %d views x %d frames (%s) at %.2f fps, model %s (%s, %dx%d) on %s",
              args.session, len(infos), infos[0].frame_count,
              ", ".join(f"{i.width}x{i.height}" for i in infos), infos[0].fps, loaded.name,
@@ -202,6 +196,8 @@ def _body(argv: Sequence[str] | None) -> None:
             if labeled is not None:
                 labeled.close()
         write_outputs(tmp, loaded, result, group, settings=settings, session=args.session)
+        if args.members_dir is not None:  # the rule's directory output, even for one model
+            args.members_dir.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - tic
     log.info("session %s: %d frames x %d views in %.1f s = %.2f frames/s (%s) -> %s",
              args.session, result.n_frames, len(infos), elapsed, result.n_frames / elapsed,

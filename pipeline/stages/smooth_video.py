@@ -47,27 +47,26 @@ from pipeline.core.atomic import atomic_paths  # noqa: E402
 from pipeline.core.cli import StageParser, setup_logging  # noqa: E402
 from pipeline.core.errors import ParallaxError, run_main  # noqa: E402
 from pipeline.evaluation.drawing import parse_skeleton  # noqa: E402
+from pipeline.inference.kalman import limb_lengths_from_points  # noqa: E402
 from pipeline.inference.smoothing import (  # noqa: E402
     SmoothedSession,
     SmoothingSettings,
-    limb_lengths_from_points,
     smooth_session,
 )
 from pipeline.io.calibration_toml import read_calibration  # noqa: E402
-from pipeline.io.predictions_csv import write_predictions_2d  # noqa: E402
+from pipeline.io.labels_csv import LabelTable  # noqa: E402
+from pipeline.io.predictions_csv import read_predictions_table, write_predictions_2d  # noqa: E402
 from pipeline.io.smoothed_csv import (  # noqa: E402
-    ViewPredictions,
     read_labelled_3d,
-    read_view_predictions,
     write_smoothed_3d,
 )
 
 log = logging.getLogger("parallax.smooth_video")
 
 
-def read_views(paths: Sequence[Path]) -> list[ViewPredictions]:
+def read_views(paths: Sequence[Path]) -> list[LabelTable]:
     """Every view's predictions, checked to share keypoints and frames (row keys)."""
-    views = [read_view_predictions(p) for p in paths]
+    views = [read_predictions_table(p) for p in paths]
     first = views[0]
     for view in views[1:]:
         if view.keypoint_names != first.keypoint_names:
@@ -192,7 +191,7 @@ def _body(argv: Sequence[str] | None) -> None:
             f"{names[a]}-{names[b]} {m:.3g}±{s:.2g}"
             for (a, b), m, s in zip(edges, lengths, std, strict=True)))
     points = np.stack([v.points for v in views])
-    confidence = np.stack([v.confidence for v in views])
+    confidence = np.stack([v.likelihood for v in views])
     variance = None
     if any(v.variance is not None for v in views):
         variance = np.stack([np.full(v.points.shape, np.nan) if v.variance is None

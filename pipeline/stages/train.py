@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-h5", type=Path, required=True, help="results/cache/train.h5")
     parser.add_argument("--eval-h5", type=Path, required=True, help="results/cache/eval.h5")
     parser.add_argument("--config-json", required=True,
-                        help="JSON with the model, data, training and losses sections")
+                        help="JSON with the model, data, training, losses and callbacks sections")
     parser.add_argument("--cache-config-json", default=None,
                         help="the JSON the cache was built with (its hash is checked)")
     parser.add_argument("--images-hash", default=None,

@@ -1,11 +1,12 @@
 """Stage `validate_calibration`: catch broken, mis-ordered or inconsistent cameras early.
 
 For every calibration file the labelled frames use: structural checks (done on load by
-:meth:`CameraGroup.load`, plus principal point, identical cameras, baselines and image sizes
-here), then the labels are triangulated and each camera's reprojection error is measured with
-the camera in and left out. Writes a summary JSON (with the `warnings`: a principal point outside
-the image, a camera without labels), a per-camera CSV and a PNG; a fatal problem exits 2 with a
-message naming the file and camera, and writes nothing (`pipeline.data.calibration_check`).
+`pipeline.io.calibration_toml.read_calibration`, plus principal point, identical cameras, baselines
+and image sizes here), then the labels are triangulated and each camera's reprojection error is
+measured with the camera in and left out. Writes a summary JSON (with the `warnings`: a principal
+point outside the image, a camera without labels), a per-camera CSV and a PNG; a fatal problem
+exits 2 with a message naming the file and camera, and writes nothing
+(`pipeline.data.calibration_check`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ RUNTIME_KEYS = ("device", "num_workers", "num_gpus", "ckpt_every_n_steps", "val_
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The `model`, `data`, `training` and `losses` values training uses (LP key names)."""
+    """The `model`, `data`, `training`, `losses` and `callbacks` values training uses (LP key
+    names)."""
 
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +50,7 @@ class TrainConfig:
     heatmap_sigma: float = 1.25
     #: targets of keypoints hidden in a view (not clicked there, triangulated from the others):
     #: projected (a Gaussian at the projection of the 3D point) | uniform (LP) | ignore
-    hidden_keypoints: str = "ignore"
+    hidden_keypoints: str = "projected"
     hidden_log_weight: float = 0.0
     pairwise_log_weight: float | None = None
     #: pose: the distance divided by the pose's extent (unit-free) | world: calibration units (LP)
@@ -58,11 +59,11 @@ class TrainConfig:
     #: compare reprojections also in views where the keypoint is hidden (projected targets)
     reprojection_hidden_views: bool = False
     #: LP's callbacks.anneal_weight for the 3D terms: init_val until freeze_until_epoch, then
-    #: + increase_factor per epoch up to final_val (the defaults: always 1)
-    anneal_init_val: float = 1.0
-    anneal_increase_factor: float = 0.0
+    #: + increase_factor per epoch up to final_val (LP's defaults: 0 until epoch 60, full at 160)
+    anneal_init_val: float = 0.0
+    anneal_increase_factor: float = 0.01
     anneal_final_val: float = 1.0
-    anneal_freeze_until_epoch: float = 0.0
+    anneal_freeze_until_epoch: float = 60.0
 
     def __post_init__(self) -> None:
         choices = {"training.hidden_keypoints": (self.hidden_keypoints, HIDDEN_KEYPOINTS),
@@ -97,15 +98,18 @@ class TrainConfig:
             **{key: training[key] for key in keys if key not in ("model", "data")},
             seed=int(training.get("rng_seed_model_pt", 0)),
             heatmap_sigma=float(loss_cfg.get("heatmap_sigma", 1.25)),
-            hidden_log_weight=float(hidden.get("log_weight", 0.0)),
+            hidden_log_weight=float(hidden.get("log_weight", cls.hidden_log_weight)),
             pairwise_log_weight=pairwise.get("log_weight"),
-            pairwise_scale=str(pairwise.get("scale", "pose")),
+            pairwise_scale=str(pairwise.get("scale", cls.pairwise_scale)),
             reprojection_log_weight=reprojection.get("log_weight"),
-            reprojection_hidden_views=bool(reprojection.get("hidden_views", False)),
-            anneal_init_val=float(anneal.get("init_val", 1.0)),
-            anneal_increase_factor=float(anneal.get("increase_factor", 0.0)),
-            anneal_final_val=float(anneal.get("final_val", 1.0)),
-            anneal_freeze_until_epoch=float(anneal.get("freeze_until_epoch", 0.0)),
+            reprojection_hidden_views=bool(reprojection.get("hidden_views",
+                                                            cls.reprojection_hidden_views)),
+            anneal_init_val=float(anneal.get("init_val", cls.anneal_init_val)),
+            anneal_increase_factor=float(anneal.get("increase_factor",
+                                                    cls.anneal_increase_factor)),
+            anneal_final_val=float(anneal.get("final_val", cls.anneal_final_val)),
+            anneal_freeze_until_epoch=float(anneal.get("freeze_until_epoch",
+                                                       cls.anneal_freeze_until_epoch)),
         )
 
 

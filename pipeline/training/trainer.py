@@ -145,6 +145,12 @@ class Trainer:
         self.scaler = grad_scaler(self.device, cfg.precision)
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.train_batch_size)
         self.total_steps = cfg.max_steps or cfg.max_epochs * self.steps_per_epoch
+        last_epoch = (self.total_steps - 1) / self.steps_per_epoch
+        if (cfg.pairwise_log_weight is not None or cfg.reprojection_log_weight is not None) \
+                and cfg.anneal_weight(last_epoch) == 0:
+            log.warning("a 3D loss is on but callbacks.anneal_weight keeps its weight at 0 for "
+                        "the whole run (freeze_until_epoch %g, %.1f epochs): it has no effect",
+                        cfg.anneal_freeze_until_epoch, self.total_steps / self.steps_per_epoch)
         unfreeze = cfg.unfreezing_epoch * self.steps_per_epoch
 
         def cosine(step: int) -> float:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 
@@ -22,7 +23,11 @@ EXAMPLE = config["example"]
 sys.path.insert(0, str(workflow.basedir))
 from pipeline.core.digest import code_digest  # noqa: E402
 from pipeline.core.hashing import images_digest  # noqa: E402
-from pipeline.core.views import split_view, view_name_clashes  # noqa: E402
+from pipeline.core.mappings import merge  # noqa: E402
+from pipeline.core.errors import ParallaxError  # noqa: E402
+from pipeline.core.views import view_name_clashes  # noqa: E402
+from pipeline.data.paths import find_calibration  # noqa: E402
+from pipeline.io.video import find_sessions  # noqa: E402
 from pipeline.data.cache.keys import CACHE_KEYS  # noqa: E402
 
 # the config sections training reads; model outputs go to results/models/<model>/
@@ -78,17 +83,6 @@ def _check_config():
 _check_config()
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """`base` with `override` merged in, recursively for nested mappings."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def _model_configs() -> dict[str, dict]:
     """name -> the full config of each model variant (base config + the variant's overrides).
 
@@ -108,7 +102,7 @@ def _model_configs() -> dict[str, dict]:
                 f"config: models.{name}.training overrides {sorted(clash)}, which shape the shared "
                 f"cache; set them in the base training section"
             )
-        merged = _merge({k: config[k] for k in config if k != "models"}, override or {})
+        merged = merge({k: config[k] for k in config if k != "models"}, override or {})
         merged["model"]["model_name"] = name
         try:
             validate(merged, schema="../schemas/config.schema.yaml")
@@ -172,16 +166,26 @@ def train_command(wildcards, threads) -> str:
 
 
 def _video_sessions() -> list[str]:
-    """Sessions with one video per view in data_dir/video_dir (`<session>_<view>.mp4`)."""
+    """Sessions with one video per view in data_dir/video_dir (`<session>_<view>.mp4`, matched
+    by the known view names: `pipeline.io.video.find_sessions`) and a calibration
+    (calibrations/<session>.toml or calibration.toml); a session without one is left out, and
+    said so at start."""
     if not config["prediction"]["videos"]:
         return []
     if EXAMPLE["generate"]:
         return [f"session{i}" for i in range(EXAMPLE["sessions"])] if EXAMPLE["video_frames"] else []
     folder = DATA_DIR / DATA["video_dir"]
-    # by the known view names (longest `_<view>`), never by splitting at `_`: views may hold
-    # underscores (`cam_A`); the first view's video names the session
-    found = [split_view(path.stem, VIEWS) for path in folder.glob("*.mp4")]
-    return sorted(parts[0] for parts in found if parts and parts[1] == VIEWS[0])
+    if not folder.is_dir():
+        return []
+    try:
+        sessions = sorted(find_sessions(folder, VIEWS, (".mp4",)))
+    except ParallaxError as err:
+        raise WorkflowError(f"prediction.videos: {err}") from None
+    missing = [s for s in sessions if find_calibration(DATA_DIR, s) is None]
+    if missing:
+        logger.warning(f"prediction.videos: no calibrations/<session>.toml nor calibration.toml "
+                       f"for {missing}: their videos are not predicted")
+    return [s for s in sessions if s not in missing]
 
 
 VIDEO_SESSIONS = _video_sessions()
@@ -196,14 +200,11 @@ def session_videos(wildcards) -> list[str]:
 
 
 def session_calibration(wildcards) -> list[str]:
-    """The calibration TOML of a video session (calibrations/<session>.toml, else the shared one)."""
+    """The calibration TOML of a video session (`pipeline.data.paths.find_calibration`:
+    calibrations/<session>.toml, else the shared calibration.toml)."""
     if EXAMPLE["generate"]:
         return [data_file(f"calibrations/{wildcards.session}.toml")]
-    own = DATA_DIR / "calibrations" / f"{wildcards.session}.toml"
-    if own.is_file():
-        return [str(own)]
-    shared = DATA_DIR / "calibration.toml"
-    return [str(shared)] if shared.is_file() else []
+    return [str(find_calibration(DATA_DIR, wildcards.session))]
 
 
 def quoted(values) -> str:
@@ -252,7 +253,6 @@ def labelled_images_digest() -> str:
     CSV cannot be read (validate_calibration then reports it)."""
     if EXAMPLE["generate"]:
         return ""
-    from pipeline.core.errors import ParallaxError
     from pipeline.io.labels_csv import read_label_csv
 
     try:

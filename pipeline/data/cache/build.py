@@ -1,10 +1,11 @@
 """Build cache samples: per frame and copy, move the pose in 3D, warp and resize every view.
 
-See `augment3d` for the math and `cache` for the file layout. Copy 0 of a frame is the original
-(resize only; labels = the clicks, `keypoints_3d` = the triangulation). In `train.h5` each frame
-gets `copies_per_frame` augmented copies when `imgaug_3d` is on and the frame has a calibration
-and >= 2 triangulated keypoints; otherwise (and for a copy whose warp cannot be fitted in some
-view) only the original is stored, counted per reason in the log. `eval.h5` holds originals.
+See `pipeline.data.augment3d` for the math and `pipeline.data.cache.format` for the file layout.
+Copy 0 of a frame is the original (resize only; labels = the clicks, `keypoints_3d` = the
+triangulation). In `train.h5` each frame gets `copies_per_frame` augmented copies when `imgaug_3d`
+is on and the frame has a calibration and >= 2 triangulated keypoints; otherwise (and for a copy
+whose warp cannot be fitted in some view) only the original is stored, counted per reason in the
+log. `eval.h5` holds originals.
 
 Labels of an augmented copy, per view, where the keypoint was labelled in that view: the
 projection of the moved 3D point (NaN if it lands behind the camera); a keypoint labelled but
@@ -68,7 +69,7 @@ class CacheSpec:
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
     imgaug_3d: bool = True
     seed: int = 0
-    image_compression: str = "gzip"  # gzip | none (see `cache`)
+    image_compression: str = "gzip"  # gzip | none (see `pipeline.data.cache.format`)
 
 
 @dataclass

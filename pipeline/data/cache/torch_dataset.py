@@ -1,13 +1,12 @@
 """Torch Dataset over an HDF5 augmentation cache, with per-view photometric augmentation.
 
-The file is checked when the Dataset is made (format, config hash) and the small arrays
-(keypoints, cameras, names) are read once; the images are read one sample (= one HDF5 chunk) at
-a time through a handle opened lazily in each process, so DataLoader workers (fork or spawn)
-never share an HDF5 handle; the chunk's bytes are checked and inflated by `chunk_reader`
-(libdeflate when installed), not by HDF5's filter pipeline. For speed use `normalize=False`
-and normalise the uint8 batch on the device (`normalize_images`): float32 items cost about as
-much again as reading and augmenting the sample (bench/RESULTS.md). Items (a DataLoader batch
-adds a leading B):
+The file is checked when the Dataset is made (format, config hash) and the small arrays (keypoints,
+cameras, names) are read once; the images are read one sample (= one HDF5 chunk) at a time through
+a handle opened lazily in each process, so DataLoader workers (fork or spawn) never share an HDF5
+handle; the chunk's bytes are checked and inflated by `pipeline.data.cache.chunks` (libdeflate when
+installed), not by HDF5's filter pipeline. For speed use `normalize=False` and normalise the uint8
+batch on the device (`normalize_images`): float32 items cost about as much again as reading and
+augmenting the sample (bench/RESULTS.md). Items (a DataLoader batch adds a leading B):
 
   images            float32 (V, 3, H, W)  RGB, ImageNet mean/std normalised (after the
                                           photometric augmentation); uint8 0..255 RGB with
@@ -54,7 +53,8 @@ METADATA = ("keypoints_2d", "visible", "label_source", "keypoints_3d", "frame_fr
 class CacheDataset(Dataset):
     """Samples of one cache file.
 
-    expected_config_hash: refuse a cache built with another config (see `cache.config_hash`).
+    expected_config_hash: refuse a cache built with another config (see
+        `pipeline.core.hashing.config_hash`).
     expected_images_hash: refuse a cache built from other labelled images (the first part of
         its `input_hash`, `pipeline.core.hashing.images_digest`; the train rule passes it).
     photometric: None = off (evaluation); else drawn per view from a generator seeded by
