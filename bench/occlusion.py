@@ -3,7 +3,7 @@ off where one camera cannot see? (issue 15)
 
   .venv/bin/python bench/occlusion.py --phase precision [--write]   # fp32 vs bf16, one variant
   .venv/bin/python bench/occlusion.py --phase variants [--seeds 0 1] [--precision bf16] [--write]
-  .venv/bin/python bench/occlusion.py --phase mouse --models A B [--write]   # the real recording
+  .venv/bin/python bench/occlusion.py --phase mouse --variants A B [--write]  # real recording
   .venv/bin/python bench/occlusion.py --phase report [--write]       # tables from finished runs
 
 Data: the synthetic example with `example.occlusion: heavy` (5 pillars, the body hides ears,
@@ -163,6 +163,38 @@ def study(workdir: Path, variants: dict[str, dict], seeds: list[int], precision:
     return pd.DataFrame(rows)
 
 
+def mouse(variants: dict[str, dict], precision: str) -> pd.DataFrame:
+    """The chosen variants on the real recording (examples/mouse-4cam.yaml: its split and
+    budget), scored by evaluate against the labels (hidden keypoints: unlabelled in a view,
+    against the projection of the labels' triangulation, as the report does)."""
+    workdir = RUNS / "mouse"
+    example = yaml.safe_load((REPO / "examples" / "mouse-4cam.yaml").read_text())
+    example["data"]["data_dir"] = str(REPO.parent / "shared" / "data" / "mouse-4cam")
+    example["prediction"] = {"videos": False}
+    base_variants = yaml.safe_load((REPO / "config.yaml").read_text()).get("models") or {}
+    models = {name: merge(cfg, {"training": {"precision": precision}})
+              for name, cfg in variants.items()}
+    config = merge(example, {"models": {**dict.fromkeys(base_variants, False), **models}})
+    seconds = run_workflow(workdir, config, "mouse")
+    print(f"mouse-4cam: workflow {seconds / 60:.1f} min", flush=True)
+    rows = []
+    for name in models:
+        entry = json.loads((workdir / "results" / "models" / name / "evaluation"
+                            / "metrics.json").read_text())["sets"]["test"]
+        timing = workdir / "benchmarks" / "train" / name / "train.tsv"
+        rows.append({"variant": name, "precision": precision, "seed": 0,
+                     "raw_visible_px": entry.get("raw_labelled_median_px"),
+                     "raw_hidden_px": entry.get("raw_occluded_median_px"),
+                     "final_visible_px": entry.get("labelled_median_px"),
+                     "final_hidden_px": entry.get("occluded_median_px"),
+                     "final_hidden_p90_px": float("nan"),
+                     "error_3d_mm": entry.get("error_3d_median"),
+                     "raw_dropped_view_px": entry.get("raw_dropped_view_mean_px"),
+                     "final_dropped_view_px": entry.get("dropped_view_mean_px"),
+                     "train_s": float(pd.read_csv(timing, sep="\t")["s"].iloc[0])})
+    return pd.DataFrame(rows)
+
+
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     columns = ["raw_visible_px", "raw_hidden_px", "final_visible_px", "final_hidden_px",
                "final_hidden_p90_px", "error_3d_mm", "raw_dropped_view_px",
@@ -205,6 +237,8 @@ def main() -> None:
             old = pd.read_csv(results)
             keep = ~(old["seed"].isin(args.seeds) & old["variant"].isin(chosen))
             table = pd.concat([old[keep], table], ignore_index=True)
+    elif args.phase == "mouse":
+        table = mouse({name: VARIANTS[name] for name in args.variants}, args.precision)
     else:
         table = pd.read_csv(results) if results.exists() else pd.DataFrame()
     if args.phase != "report":

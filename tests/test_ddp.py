@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from pipeline.core.errors import ParallaxError
+from pipeline.data.cache.torch_dataset import MASK_KEYS
 from pipeline.stages import cache_augmentations, train, triangulate_labels
 from pipeline.training.distributed import (
     DistContext,
+    PaddedDataset,
     env_context,
     per_rank_batch,
     rank_device,
@@ -138,8 +140,9 @@ def test_two_process_run_equals_single_process(odd_cache, tmp_path):
     unchanged for 5 minutes (a hang: a deadlocked collective, a stuck rendezvous) or that
     exceeds 15 minutes in total is killed and fails the test, with its log."""
     config = json.loads(json.dumps(TINY))
+    # every loss term, the hidden-keypoint one included (padding samples must not count there)
     config["training"].update(train_batch_size=8, max_epochs=1, ckpt_every_n_steps=1,
-                              device="cpu", num_gpus=2)
+                              device="cpu", num_gpus=2, hidden_keypoints="projected")
     args = ["--train-h5", str(odd_cache["train"]), "--eval-h5", str(odd_cache["eval"]),
             "--config-json", json.dumps(config), "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -188,3 +191,24 @@ def test_hang_guard(tmp_path):
         run_watched([sys.executable, "-c", silent], tmp_path / "b.log", tmp_path / "none",
                     stall_seconds=2)
     assert time.monotonic() - start < 30
+
+
+def test_padding_sample_counts_for_nothing():
+    """A padding item (a data-parallel batch that does not divide evenly) has every mask zero,
+    the hidden-keypoint targets included; a real item is untouched."""
+    sample = {key: torch.ones(2, 3, dtype=torch.bool) for key in MASK_KEYS}
+    sample["visible"] = torch.full((2, 3), 2, dtype=torch.int8)
+    sample["images"] = torch.ones(2, 3, 4, 4)
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {key: value.clone() for key, value in sample.items()}
+
+    padded = PaddedDataset(One())
+    real, padding = padded[(0, False)], padded[(0, True)]
+    assert all(bool(real[key].all()) for key in MASK_KEYS)
+    assert not any(bool(padding[key].any()) for key in MASK_KEYS)
+    assert bool(padding["images"].all())  # only the masks change

@@ -139,8 +139,11 @@ def test_end_to_end_one_row_per_frame(trained, tmp_path):
             assert f"{kp}_{suffix}" in pose.columns
     assert {"M_00", "M_22", "center_0", "center_2"} <= set(pose.columns)
     assert "frame" not in pose.columns and "set" not in pose.columns
-    assert (pose[[f"{kp}_ncams" for kp in loaded.keypoint_names]] >= 2).all().all()
-    assert np.isfinite(pose[[f"{kp}_z" for kp in loaded.keypoint_names]].to_numpy()).all()
+    # a 3D point exactly where at least min_views (2) views agree on it
+    ncams = pose[[f"{kp}_ncams" for kp in loaded.keypoint_names]].to_numpy()
+    finite = np.isfinite(points_3d.reshape(VIDEO_FRAMES, len(names), 3)).all(-1)
+    np.testing.assert_array_equal(finite, ncams >= 2)
+    assert finite.mean() > 0.25
 
 
 def test_labeled_video_and_skeleton(trained, tmp_path, capsys):

@@ -107,7 +107,9 @@ def test_env_files_exist_and_parse():
         assert "dependencies" in env
 
 
-MODELS = ("singleview", "mvt", "mvt_pm", "mvt_pm_3d")
+#: the variants config.yaml trains (each one a train job, its predictions and a comparison row)
+MODELS = tuple(yaml.safe_load((REPO / "config.yaml").read_text())["models"])
+assert {"singleview", "mvt"} <= set(MODELS)  # the baseline and the multi-view model
 #: every section of the HTML report (the categories of workflow/rules/*.smk)
 REPORT_SECTIONS = ("Calibration", "Triangulation", "Augmentation", "Training", "Evaluation",
                    "Model comparison", "Videos")
@@ -187,7 +189,8 @@ def test_slurm_profile_dry_run(tmp_path):
     jobs = out.split("\nrule ")  # each job's block: its rule name, then its resources
     train = [job for job in jobs if job.startswith("train:")]
     video = [job for job in jobs if job.startswith("predict_video:")]
-    assert len(train) == 4 and len(video) == 8, out  # 4 variants; x 2 sessions of videos
+    # one train job per variant; a predict_video job per variant and session (2)
+    assert len(train) == len(MODELS) and len(video) == 2 * len(MODELS), out
     for job in train:
         assert "gpu=1" in job and "mem_mb=16000" in job and "runtime=720" in job, job
     assert all("gpu=1" in job and "mem_mb=8000" in job for job in video)

@@ -50,7 +50,7 @@ class TrainConfig:
     heatmap_sigma: float = 1.25
     #: targets of keypoints hidden in a view (not clicked there, triangulated from the others):
     #: projected (a Gaussian at the projection of the 3D point) | uniform (LP) | ignore
-    hidden_keypoints: str = "projected"
+    hidden_keypoints: str = "ignore"
     hidden_log_weight: float = 0.0
     pairwise_log_weight: float | None = None
     #: pose: the distance divided by the pose's extent (unit-free) | world: calibration units (LP)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from pipeline.core.errors import ParallaxError
+from pipeline.data.cache.torch_dataset import MASK_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ def shard_batches(order: Sequence[int], batch_size: int, ctx: DistContext) -> li
 
 
 class PaddedDataset(Dataset):
-    """A dataset indexed by (index, is_padding); padding items have every keypoint invalid and
-    no calibration, so that they contribute nothing to the losses or metrics."""
+    """A dataset indexed by (index, is_padding); padding items have every mask of `MASK_KEYS`
+    zero (no keypoint, hidden target or calibration), so that they contribute nothing to the
+    losses or metrics."""
 
     def __init__(self, base: Dataset) -> None:
         self.base = base
@@ -178,7 +180,6 @@ class PaddedDataset(Dataset):
         index, padding = item
         sample = self.base[index]
         if padding:
-            for key in ("keypoints_valid", "keypoints_3d_valid", "has_calibration"):
+            for key in MASK_KEYS:
                 sample[key] = torch.zeros_like(sample[key])
-            sample["visible"] = torch.zeros_like(sample["visible"])
         return sample

@@ -44,6 +44,11 @@ from pipeline.data.cache.format import decode_strings, open_checked, read_datase
 from pipeline.data.images import normalized_rgb, rgb_planes
 from pipeline.data.photometric import PhotometricConfig, photometric
 
+#: the items that say which targets count; all zero = a sample that contributes nothing to any
+#: loss or metric (padding of a data-parallel batch, pipeline/training/distributed.py)
+MASK_KEYS = ("keypoints_valid", "hidden_valid", "visible", "keypoints_3d_valid",
+             "has_calibration")
+
 METADATA = ("keypoints_2d", "visible", "label_source", "keypoints_3d", "frame_from_model",
             "calibration_index",
             "frame_index", "copy", "fit_residual_px", "cam_intrinsics", "cam_extrinsics",
