@@ -107,10 +107,7 @@ def compare(name: str, group: CameraGroup, points: np.ndarray, conf: np.ndarray,
             "p95 raw": stat(err_raw, both, 95), "p95 smoothed": stat(err, both, 95),
             "hidden median raw": stat(err_raw, hid, 50),
             "hidden median smoothed": stat(err, hid, 50),
-            **({} if consensus is None else {
-                "median consensus": stat(np.linalg.norm(consensus - truth, axis=-1), both, 50),
-                "p95 consensus": stat(np.linalg.norm(consensus - truth, axis=-1), both, 95),
-                "jitter consensus": jitter(consensus)}),
+            **({} if consensus is None else consensus_stats(consensus, truth, both, stat)),
             "jitter raw": jitter(raw), "jitter smoothed": jitter(result.points_3d),
             "jitter truth": jitter(truth), "coverage raw": float(np.isfinite(err_raw).mean()),
             "flagged": float(result.outlier.sum() / max(np.isfinite(result.residual_px).sum(),
@@ -119,6 +116,17 @@ def compare(name: str, group: CameraGroup, points: np.ndarray, conf: np.ndarray,
             "output MiB": sum(getattr(result, f).nbytes for f in (
                 "points_3d", "std_3d", "reprojected", "reprojected_std_px", "residual_px",
                 "outlier", "weight", "raw_3d")) / 2**20}
+
+
+def consensus_stats(consensus: np.ndarray, truth: np.ndarray, both: np.ndarray, stat
+                    ) -> dict[str, float]:
+    """predict_video's consensus 3D (N, K, 3), NaN where fewer than min_views views agreed:
+    its errors over the frame keypoints it has (of those `both` scores), and that coverage."""
+    err = np.linalg.norm(consensus - truth, axis=-1)
+    has = both & np.isfinite(err)
+    return {"median consensus": stat(err, has, 50), "p95 consensus": stat(err, has, 95),
+            "coverage consensus": float(has.sum() / max(both.sum(), 1)),
+            "jitter consensus": jitter(consensus)}
 
 
 def simulate(args: argparse.Namespace) -> None:

@@ -354,6 +354,16 @@ def test_bad_value_names_the_argument(example_dir, tmp_path, capsys):
     assert err.count("parallax error:") == 1 and "--min-views" in err and "'two'" in err
 
 
+
+@pytest.mark.parametrize("stage", ["predict_labeled", "predict_video"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_batch_size_below_one_is_named(stage, value, capsys):
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    assert module.main(["--batch-size", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("parallax error:") == 1 and "--batch-size" in err
+    assert f"must be >= 1, got {value}" in err
+
 def test_csv_files_in_another_order_than_the_views(data, tmp_path, capsys):
     names = views(data)
     order = [f"CollectedData_{v}.csv" for v in (names[1], names[0], names[2])]

@@ -31,6 +31,32 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--camera-params-file", default=None, help="data.camera_params_file")
 
 
+def add_inference_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    """The arguments of the stages that run a trained network and make its predictions
+    3D-consistent (`prediction.consensus.*`, `triangulation.min_views`); --batch-size must be
+    >= 1 (`batch_help` says what one batch holds)."""
+    group = parser.add_argument_group("inference and 3D consensus")
+    group.add_argument("--batch-size", type=_positive_int, default=8, help=batch_help)
+    group.add_argument("--threads", type=int, default=1,
+                       help="CPU threads (torch, image and video decoding; rule {threads})")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--min-confidence", type=float, default=0.5,
+                       help="prediction.consensus.min_confidence: views below it take no part "
+                            "in the 3D and get the reprojection of the others' 3D point (and "
+                            "are not drawn in labelled videos)")
+    group.add_argument("--outlier-px", type=float, default=6.0,
+                       help="prediction.consensus.outlier_px (model pixels): a view further "
+                            "than this from the consensus reprojection gets the reprojection")
+    group.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr (a rule redirects it to its log file), timestamped."""
     logging.basicConfig(

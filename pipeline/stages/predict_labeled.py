@@ -38,8 +38,8 @@ import pandas as pd
 import torch
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
-from pipeline.core.errors import ParallaxError, run_main
+from pipeline.core.cli import StageParser, add_dataset_args, add_inference_args, setup_logging
+from pipeline.core.errors import run_main
 from pipeline.data.project import frame_keys, load_dataset
 from pipeline.data.splits import read_splits
 from pipeline.data.tables import read_points_3d
@@ -75,17 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="results/triangulation/labels_3d.csv (ground-truth 3D)")
     parser.add_argument("--out-dir", type=Path, required=True,
                         help="results/models/<model>/predictions/")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per batch")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (torch and image loading; rule {threads})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--min-confidence", type=float, default=0.5,
-                        help="prediction.consensus.min_confidence: views below it take no part "
-                             "in the 3D and get the reprojection of the others' 3D point")
-    parser.add_argument("--outlier-px", type=float, default=6.0,
-                        help="prediction.consensus.outlier_px (model pixels): a view further "
-                             "than this from the consensus reprojection gets the reprojection")
-    parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
+    add_inference_args(parser, "frames per batch")
     parser.add_argument("--no-view-dropout", action="store_true",
                         help="skip the view-dropout runs (view_dropout.csv: intact rows only)")
     return parser
@@ -114,8 +104,6 @@ def output_paths(out_dir: Path, view_names: Sequence[str]) -> list[Path]:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.batch_size < 1:
-        raise ParallaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     labels = load_dataset(args)

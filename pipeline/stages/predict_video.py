@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from pipeline.core.atomic import atomic_paths
-from pipeline.core.cli import StageParser, setup_logging
-from pipeline.core.errors import ParallaxError, run_main
+from pipeline.core.cli import StageParser, add_inference_args, setup_logging
+from pipeline.core.errors import run_main
 from pipeline.evaluation import plots
 from pipeline.evaluation.drawing import LabeledVideoWriter, parse_skeleton
 from pipeline.geometry.cameras import CameraGroup
@@ -137,15 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the session's anipose calibration.toml (without it: no 3D)")
     parser.add_argument("--out-dir", type=Path, required=True,
                         help="results/models/<model>/videos/")
-    parser.add_argument("--batch-size", type=int, default=8, help="frame instants per batch")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (rule {threads})")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--min-confidence", type=float, default=0.5,
-                        help="prediction.consensus.min_confidence: views below it take no part "
-                             "in the 3D (and are not drawn in labelled videos)")
-    parser.add_argument("--outlier-px", type=float, default=6.0,
-                        help="prediction.consensus.outlier_px (model pixels)")
-    parser.add_argument("--min-views", type=int, default=2, help="triangulation.min_views")
+    add_inference_args(parser, "frame instants per batch")
     parser.add_argument("--labeled-video", action="store_true",
                         help="also write <session>_<view>_labeled.mp4")
     parser.add_argument("--skeleton", nargs="*", default=[],
@@ -156,8 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _body(argv: Sequence[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.batch_size < 1:
-        raise ParallaxError(f"--batch-size must be >= 1, got {args.batch_size}")
     settings = ConsensusSettings(args.min_confidence, args.outlier_px, args.min_views)
     torch.set_num_threads(max(1, args.threads))
     cv2.setNumThreads(max(1, args.threads))
