@@ -218,6 +218,12 @@ def test_labels_are_the_warped_clicks_up_to_the_fit_residual(built, example_dir)
                               axis=(1, 2))  # (V,) largest model px per frame px
         bound = similarity_residual(before, after) * gain  # model px
         assert (gap[clicked] <= np.broadcast_to(bound[:, None], gap.shape)[clicked] + 1e-6).all()
+        # the stored fit residual (max over the fitted keypoints) is no smaller than any clicked
+        # label's gap and no larger than the independent bound
+        stored = cache["fit_residual_px"][row]
+        with_3d = clicked & np.isfinite(cache["keypoints_3d"][row]).all(-1)[None]
+        seen = np.where(with_3d, gap, 0.0).max(-1)
+        assert (seen <= stored + 1e-4).all() and (stored <= bound + 1e-4).all()
         checked += 1
         # a label without 3D (clicked in one view only) is its click mapped exactly
         no_3d = clicked & ~np.isfinite(cache["keypoints_3d"][row]).all(-1)[None]

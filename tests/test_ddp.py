@@ -196,7 +196,12 @@ def test_hang_guard(tmp_path):
 def test_padding_sample_counts_for_nothing():
     """A padding item (a data-parallel batch that does not divide evenly) has every mask zero,
     the hidden-keypoint targets included; a real item is untouched."""
-    sample = {key: torch.ones(2, 3, dtype=torch.bool) for key in MASK_KEYS}
+    # every mask a loss or metric reads (pipeline/training/objective.py, losses.py), named here
+    # rather than taken from MASK_KEYS, so that a mask dropped from that list fails this test
+    masks = ("keypoints_valid", "hidden_valid", "visible", "keypoints_3d_valid",
+             "has_calibration")
+    assert set(masks) <= set(MASK_KEYS)
+    sample = {key: torch.ones(2, 3, dtype=torch.bool) for key in masks}
     sample["visible"] = torch.full((2, 3), 2, dtype=torch.int8)
     sample["images"] = torch.ones(2, 3, 4, 4)
 
@@ -209,6 +214,6 @@ def test_padding_sample_counts_for_nothing():
 
     padded = PaddedDataset(One())
     real, padding = padded[(0, False)], padded[(0, True)]
-    assert all(bool(real[key].all()) for key in MASK_KEYS)
-    assert not any(bool(padding[key].any()) for key in MASK_KEYS)
+    assert all(bool(real[key].all()) for key in masks)
+    assert not any(bool(padding[key].any()) for key in masks)
     assert bool(padding["images"].all())  # only the masks change

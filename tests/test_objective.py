@@ -87,23 +87,26 @@ def test_hidden_keypoint_targets(mode):
 
 
 def test_anneal_schedule_hold_then_ramp():
-    cfg = TrainConfig(pairwise_log_weight=2.0, anneal_init_val=0.0,
-                      anneal_freeze_until_epoch=10, anneal_increase_factor=0.1,
-                      anneal_final_val=1.0)
+    cfg = TrainConfig(pairwise_log_weight=2.0, reprojection_log_weight=1.0,
+                      anneal_init_val=0.0, anneal_freeze_until_epoch=10,
+                      anneal_increase_factor=0.1, anneal_final_val=1.0)
     assert [cfg.anneal_weight(e) for e in (0, 5, 9.99, 10)] == [0.0] * 4
     assert cfg.anneal_weight(15) == pytest.approx(0.5)
     assert cfg.anneal_weight(20) == cfg.anneal_weight(300) == 1.0
     flat = TrainConfig(anneal_init_val=1.0, anneal_freeze_until_epoch=0.0)
     assert flat.anneal_weight(0) == 1.0  # no schedule: full weight from the start
-    # through the loss total: before the hold ends the 3D term adds nothing
+    # through the loss total: before the hold ends neither 3D term adds anything
     terms = [Term("heatmap_mse", torch.tensor(0.3), torch.tensor(4.0)),
              Term("pairwise_projection", torch.tensor(7.0), torch.tensor(6.0)),
              Term("pairwise_dist_world", torch.tensor(9.0), torch.tensor(6.0)),
+             Term("reprojection_heatmap_mse", torch.tensor(0.2), torch.tensor(5.0)),
              Term("pixel_error_model", torch.tensor(2.0), torch.tensor(4.0))]
     for epoch, factor in ((5, 0.0), (15, 0.5), (40, 1.0)):
         weights = term_weights(cfg, cfg.anneal_weight(epoch))
+        assert list(weights) == [t.name for t in terms]
         total, _ = combine(terms, weights, DistContext())
-        assert total.item() == pytest.approx(0.5 * 0.3 + factor * 0.5 * math.exp(-2.0) * 7.0)
+        three_d = 0.5 * math.exp(-2.0) * 7.0 + 0.5 * math.exp(-1.0) * 0.2
+        assert total.item() == pytest.approx(0.5 * 0.3 + factor * three_d)
 
 
 def test_lp_config_keys_reach_train_config():

@@ -261,16 +261,24 @@ def test_skeleton_and_comparison_panels(tmp_path, figures):
 
 
 def test_video_traces_plot_mean_confidence_and_distances(tmp_path, figures):
-    confidence = np.stack([np.full((5, 2), 0.9), np.linspace(0, 1, 10).reshape(5, 2)])
-    points = np.zeros((5, 2, 3))
-    points[:, 1, 0] = np.arange(5.0) * 2  # keypoint 1 moves along x; centroid between them
-    plots.video_traces(confidence, points, ["a", "b"], ["k0", "k1"], 10.0,
+    # 3 keypoints with skewed values, so that a mean and a median differ
+    skewed = np.array([[0.0, 0.1, 0.8], [0.2, 0.3, 1.0], [0.0, 0.0, 0.9], [0.5, 0.5, 0.2],
+                       [0.1, 0.2, 0.9]])
+    confidence = np.stack([np.full((5, 3), 0.9), skewed])
+    points = np.zeros((5, 3, 3))
+    points[:, 1, 0] = np.arange(5.0) * 2  # keypoint 1 moves along x
+    points[:, 2, 0] = 6.0  # keypoint 2 stays at x = 6; keypoint 0 at the origin
+    plots.video_traces(confidence, points, ["a", "b"], ["k0", "k1", "k2"], 10.0,
                        tmp_path / "v.png", "s")
     top, bottom = figures[0].axes
     assert [line.get_label() for line in top.lines] == ["a", "b"]
     np.testing.assert_allclose(top.lines[0].get_ydata(), 0.9)
-    np.testing.assert_allclose(top.lines[1].get_ydata(), confidence[1].mean(-1))
+    np.testing.assert_allclose(top.lines[1].get_ydata(),
+                               [0.3, 0.5, 0.3, 0.4, 0.4])  # per-frame means, by hand
     np.testing.assert_allclose(top.lines[0].get_xdata(), np.arange(5) / 10.0)
-    np.testing.assert_allclose(bottom.lines[0].get_ydata(), np.arange(5.0))
-    np.testing.assert_allclose(bottom.lines[1].get_ydata(), np.arange(5.0))
+    centroid_x = (np.arange(5.0) * 2 + 6.0) / 3  # mean of x = 0, 2t, 6
+    expected = np.abs(np.stack([0.0 * centroid_x, np.arange(5.0) * 2, np.full(5, 6.0)], 1)
+                      - centroid_x[:, None])
+    for k in range(3):
+        np.testing.assert_allclose(bottom.lines[k].get_ydata(), expected[:, k])
     assert _size(tmp_path / "v.png") == (1000, 600)

@@ -216,7 +216,7 @@ def culprits(
     subset = labels.select(np.flatnonzero(labels.calibration_files == name))
     keep = np.ones(len(group.cameras), bool)
     blamed: list[str] = []
-    while keep.sum() > min_views:
+    for _ in range(len(keep) - min_views):  # one camera dropped per pass: always ends
         result = triangulate_labels(subset, {name: group}, min_views=min_views, view_weights=keep)
         medians = np.array([_stats(result.reproj_error[v])[1] for v in range(len(keep))])
         if np.all(np.nan_to_num(medians[keep]) <= max_px):
