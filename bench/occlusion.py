@@ -3,6 +3,7 @@ off where one camera cannot see? (issue 15)
 
   .venv/bin/python bench/occlusion.py --phase precision [--write]   # fp32 vs bf16, one variant
   .venv/bin/python bench/occlusion.py --phase variants [--seeds 0 1] [--precision bf16] [--write]
+  .venv/bin/python bench/occlusion.py --phase variants --split frames [...]  # same sessions
   .venv/bin/python bench/occlusion.py --phase mouse --variants A B [--write]  # real recording
   .venv/bin/python bench/occlusion.py --phase report [--write]       # tables from finished runs
 
@@ -57,6 +58,9 @@ BASE = {
                                 "final_ratio": 0.0}},
     "prediction": {"videos": False},
 }
+#: --split frames: test frames drawn at random from every session (the cameras and sessions
+#: the networks train on, as when a lab labels frames of the recordings it will predict)
+FRAMES_SPLIT = {"training": {"test_sessions": [], "train_prob": 0.72, "val_prob": 0.08}}
 PM = {"training": {"patch_mask": {"final_ratio": 0.3}}}
 HIDDEN = {"training": {"hidden_keypoints": "projected"}}
 NO_HIDDEN = {"training": {"hidden_keypoints": "ignore"}}
@@ -223,16 +227,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--split", choices=["session", "frames"], default="session",
+                        help="test set: the held-out session2 (default), or a random 20%% of "
+                             "the frames of all three sessions (FRAMES_SPLIT)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    workdir = RUNS / "occlusion"
-    results = RUNS / f"occlusion_{args.phase}.csv"
+    tag = "" if args.split == "session" else "_frames"
+    workdir = RUNS / f"occlusion{tag}"
+    results = RUNS / f"occlusion_{args.phase}{tag}.csv"
+    extra = FRAMES_SPLIT if args.split == "frames" else None
     if args.phase == "precision":
         table = pd.concat([study(workdir, {f"mvt_pm_hidden_{p}": VARIANTS["mvt_pm_hidden"]},
                                  args.seeds, p) for p in ("fp32", "bf16")])
     elif args.phase == "variants":
         chosen = {name: VARIANTS[name] for name in args.variants}
-        table = study(workdir, chosen, args.seeds, args.precision)
+        table = study(workdir, chosen, args.seeds, args.precision, extra)
         if results.exists():  # runs of other seeds / variants kept
             old = pd.read_csv(results)
             keep = ~(old["seed"].isin(args.seeds) & old["variant"].isin(chosen))
@@ -246,7 +255,7 @@ def main() -> None:
     print(markdown(summarise(table)) if len(table) else "no results yet")
     if args.write:
         body = [markdown(summarise(table)), "", *machine_lines()]
-        write_section(f"{SECTION[:-1]}, {args.phase})", "\n".join(body))
+        write_section(f"{SECTION[:-1]}, {args.phase}{tag})", "\n".join(body))
 
 
 if __name__ == "__main__":
