@@ -1,4 +1,5 @@
-"""View names inside file and folder names: `<session>_<view>` (standard library only).
+"""View names inside file and folder names: `<session>_<view>`, and the checks of a set of view
+names (standard library only: the workflow runs them at start, every stage again).
 
 Lightning Pose puts the view after the session, joined by `_`, in image folders
 (`labeled-data/<session>_<view>/img.png`) and videos (`videos/<session>_<view>.mp4`). View names
@@ -49,3 +50,13 @@ def check_view_names(views: Sequence[str], key: str = "data.view_names") -> None
     if clashes:
         raise ParallaxError(f"{key} {list(views)}: ambiguous view names: {'; '.join(clashes)}; "
                             "rename one of them")
+
+
+def check_min_views(min_views: int, views: Sequence[str],
+                    key: str = "triangulation.min_views (--min-views)") -> None:
+    """ParallaxError naming `key` unless 2 <= min_views <= the number of views."""
+    if not 2 <= min_views <= len(views):
+        raise ParallaxError(
+            f"{key} is {min_views} but data.view_names lists {len(views)} views "
+            f"{list(views)}; it must be between 2 and {len(views)}"
+        )

@@ -3,8 +3,8 @@
 Labels outside their camera's image (beyond half a pixel of the border) are counted and reported
 with an example CSV line; labels further out than one image size (a wrong unit, a sentinel
 value, a bbox mix-up) cannot be clicks on that image and are left out of the 3D (their error is
-still measured, so outliers.csv lists them). Reprojection errors are distances computed without
-overflow; a non-finite one is NaN, never inf.
+still measured, so outliers.csv lists them). Reprojection errors come from
+`CameraGroup.reprojection_error`: computed without overflow, a non-finite one is NaN, never inf.
 """
 
 from __future__ import annotations
@@ -46,15 +46,6 @@ class LabelTriangulation:
     left_out: np.ndarray | None = None
 
 
-def check_min_views(min_views: int, views: tuple[str, ...] | list[str]) -> None:
-    """triangulation.min_views must be between 2 and the number of views."""
-    if not 2 <= min_views <= len(views):
-        raise ParallaxError(
-            f"triangulation.min_views (--min-views) is {min_views} but data.view_names lists "
-            f"{len(views)} views {list(views)}; it must be between 2 and {len(views)}"
-        )
-
-
 def image_bounds(labels: MultiviewLabels, groups: dict[str, CameraGroup]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(outside, far): (views, frames, keypoints) labels outside their camera's `size`, and
@@ -69,13 +60,6 @@ def image_bounds(labels: MultiviewLabels, groups: dict[str, CameraGroup]
             outside[:, frames] = ((xy < -0.5) | (xy > size - 0.5)).any(-1)
             far[:, frames] = ((xy < -size) | (xy > 2 * size)).any(-1)
     return outside, far
-
-
-def pixel_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|a - b| over the last axis (2) without overflow; NaN where not finite."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        dist = np.hypot(a[..., 0] - b[..., 0], a[..., 1] - b[..., 1])
-    return np.where(np.isfinite(dist), dist, np.nan)
 
 
 def load_calibrations(labels: MultiviewLabels, required: bool = True) -> dict[str, CameraGroup]:
@@ -116,16 +100,16 @@ def triangulate_labels(
     for path, group in groups.items():
         frames = np.flatnonzero(labels.calibration_files == path)
         observed = labels.points_2d[:, frames]
+        used_2d = np.where(far[:, frames, :, None], np.nan, observed)  # far labels: missing
         weights = None
-        if view_weights is not None or far[:, frames].any():
-            finite = np.isfinite(observed).all(axis=-1) & ~far[:, frames]
-            scale = np.ones(n_views) if view_weights is None else np.asarray(view_weights, float)
-            weights = np.where(finite, scale[:, None, None], 0.0)
-        result = group.triangulate(np.where(far[:, frames, :, None], np.nan, observed),
-                                   weights=weights, min_views=min_views)
+        if view_weights is not None:
+            finite = np.isfinite(used_2d).all(axis=-1)
+            weights = np.where(finite, np.asarray(view_weights, float)[:, None, None], 0.0)
+        result = group.triangulate(used_2d, weights=weights, min_views=min_views)
         points_3d[frames] = result.points_3d
         used[frames] = result.n_views
-        reproj[:, frames] = pixel_distance(group.project(result.points_3d), observed)
+        # measured against every label, the far ones included (outliers.csv lists them)
+        reproj[:, frames] = group.reprojection_error(result.points_3d, observed)
     return LabelTriangulation(
         points_3d=points_3d,
         reproj_error=reproj,

@@ -330,6 +330,9 @@ class CameraGroup:
         )
 
     def reprojection_error(self, points_3d: np.ndarray, points_2d: np.ndarray) -> np.ndarray:
-        """(..., 3) and (views, ..., 2) -> (views, ...) pixel distance (NaN if either missing)."""
-        diff = self.project(points_3d) - self._check_2d(points_2d)
-        return np.hypot(diff[..., 0], diff[..., 1])  # no overflow for far-off points
+        """(..., 3) and (views, ..., 2) -> (views, ...) pixel distance: NaN if either is missing
+        or the distance is not finite (a label at 1e308), never inf."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = self.project(points_3d) - self._check_2d(points_2d)
+            dist = np.hypot(diff[..., 0], diff[..., 1])  # no overflow for far-off points
+        return np.where(np.isfinite(dist), dist, np.nan)

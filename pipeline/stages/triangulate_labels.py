@@ -19,9 +19,9 @@ from pathlib import Path
 from pipeline.core.atomic import atomic_paths, write_json
 from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import run_main
+from pipeline.core.views import check_min_views
 from pipeline.data.project import load_dataset
 from pipeline.data.triangulate import (
-    check_min_views,
     load_calibrations,
     outliers_table,
     points_table,

@@ -20,9 +20,9 @@ from pathlib import Path
 from pipeline.core.atomic import atomic_paths, write_json
 from pipeline.core.cli import StageParser, add_dataset_args, setup_logging
 from pipeline.core.errors import run_main
+from pipeline.core.views import check_min_views
 from pipeline.data.calibration_check import validate
 from pipeline.data.project import load_dataset
-from pipeline.data.triangulate import check_min_views
 from pipeline.evaluation.plots import plot_errors
 
 log = logging.getLogger("parallax.validate_calibration")

@@ -12,7 +12,7 @@ b = train_batch_size / world_size (it must divide). A short last batch is split 
 possible and the ranks that get fewer samples are padded with copies whose keypoints are all
 marked invalid, so they add nothing to any loss (see `PaddedDataset`). Loss terms are
 re-weighted by the valid counts all-reduced over ranks
-(`pipeline.training.pipeline.training.objective.compute_losses`), so
+(`pipeline.training.objective.combine`), so
 the averaged DDP gradient equals the single-process gradient of the same global batch.
 """
 

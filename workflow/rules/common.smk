@@ -25,7 +25,7 @@ from pipeline.core.digest import code_digest  # noqa: E402
 from pipeline.core.hashing import images_digest  # noqa: E402
 from pipeline.core.mappings import merge  # noqa: E402
 from pipeline.core.errors import ParallaxError  # noqa: E402
-from pipeline.core.views import view_name_clashes  # noqa: E402
+from pipeline.core.views import check_min_views, check_view_names  # noqa: E402
 from pipeline.data.paths import find_calibration  # noqa: E402
 from pipeline.io.video import find_sessions  # noqa: E402
 from pipeline.data.cache.keys import CACHE_KEYS  # noqa: E402
@@ -57,16 +57,11 @@ def _check_config():
         raise WorkflowError(f"config: {', '.join(bad)}: not a finite number; give a number "
                             "(or null where the key allows it)")
     n_views = len(VIEWS)
-    clashes = view_name_clashes(VIEWS)
-    if clashes:
-        raise WorkflowError(f"config: data.view_names {VIEWS}: ambiguous view names: "
-                            f"{'; '.join(clashes)}; rename one of them")
-    min_views = config["triangulation"]["min_views"]
-    if min_views > n_views:
-        raise WorkflowError(
-            f"config: triangulation.min_views is {min_views} but data.view_names lists {n_views} "
-            f"views; it must be between 2 and {n_views}"
-        )
+    try:  # the stages' own checks (pipeline.core.views), at start
+        check_view_names(VIEWS)
+        check_min_views(config["triangulation"]["min_views"], VIEWS, "triangulation.min_views")
+    except ParallaxError as err:
+        raise WorkflowError(f"config: {err}") from None
     for key in ("csv_file", "bbox_file"):
         files = DATA.get(key)
         if files is not None and len(files) != n_views:
