@@ -59,3 +59,22 @@ def dataset_cli_args(data_dir: Path) -> list[str]:
         "--view-names", *views,
         "--csv-files", *[f"CollectedData_{view}.csv" for view in views],
     ]
+
+
+def write_members(checkpoint: Path, model_dir: Path, perturb) -> list[Path]:
+    """Two ensemble 'members' of one trained checkpoint, as the train rule lays them out
+    (`<model_dir>/members/seed<s>/best.pt`): seed 0 the checkpoint itself, seed 1 its weights
+    passed through `perturb(name, tensor)` (floating-point tensors only)."""
+    import torch
+
+    paths = []
+    for seed in (0, 1):
+        folder = model_dir / "members" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        state = torch.load(checkpoint, weights_only=False)
+        if seed:
+            state["model"] = {k: perturb(k, v) if v.is_floating_point() else v
+                              for k, v in state["model"].items()}
+        torch.save(state, folder / "best.pt")
+        paths.append(folder / "best.pt")
+    return paths

@@ -15,6 +15,7 @@ from pipeline.core.errors import ParallaxError
 from pipeline.inference.ensemble import combine, load_ensemble, model_name
 from pipeline.io.predictions_csv import read_predictions_table
 from pipeline.stages import predict_labeled
+from tests.conftest import write_members
 from tests.test_predict_labeled import stage_argv, trained  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,18 +25,9 @@ def member_checkpoints(trained, tmp_path) -> list[Path]:  # noqa: F811
     """Two 'members' of one variant: the tiny MVT twice, the second with perturbed weights."""
     import torch
 
-    paths = []
-    for seed in (0, 1):
-        folder = tmp_path / "models" / "mvt" / "members" / f"seed{seed}"
-        folder.mkdir(parents=True)
-        state = torch.load(trained["mvt"], weights_only=False)
-        if seed:
-            generator = torch.Generator().manual_seed(seed)
-            state["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
-                              if v.is_floating_point() else v for k, v in state["model"].items()}
-        torch.save(state, folder / "best.pt")
-        paths.append(folder / "best.pt")
-    return paths
+    generator = torch.Generator().manual_seed(1)
+    return write_members(trained["mvt"], tmp_path / "models" / "mvt",
+                         lambda _, v: v + 0.05 * torch.randn(v.shape, generator=generator))
 
 
 def test_combine_mean_and_variance():

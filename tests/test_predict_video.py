@@ -23,7 +23,7 @@ from pipeline.stages import cache_augmentations, predict_video, triangulate_labe
 from pipeline.synthetic.generate import generate_example
 from pipeline.training.config import TrainConfig
 from pipeline.training.trainer import Trainer
-from tests.conftest import dataset_cli_args
+from tests.conftest import dataset_cli_args, write_members
 
 VIDEO_FRAMES = 12
 CACHE_CONFIG = {
@@ -313,16 +313,8 @@ def test_real_videos_are_found_and_synchronised(mouse_dir):
 def test_ensemble_members_mean_and_variance(trained, tmp_path):
     """Two members: each member's CSVs in --members-dir, the raw file is their mean with their
     variance (x_var, y_var), the video decoded once for both."""
-    members = []
-    for seed in (0, 1):
-        folder = tmp_path / "models" / "tiny" / "members" / f"seed{seed}"
-        folder.mkdir(parents=True)
-        state = torch.load(trained["checkpoint"], weights_only=False)
-        if seed:
-            state["model"] = {k: v * 1.05 if v.is_floating_point() else v
-                              for k, v in state["model"].items()}
-        torch.save(state, folder / "best.pt")
-        members.append(folder / "best.pt")
+    members = write_members(trained["checkpoint"], tmp_path / "models" / "tiny",
+                            lambda _, v: v * 1.05)
     out, member_dir = tmp_path / "videos", tmp_path / "videos" / "members" / "session0"
     argv = cli(trained, out, None, "--members-dir", str(member_dir))
     at = argv.index("--checkpoint")
